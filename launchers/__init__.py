@@ -1,0 +1,1 @@
+"""radio-launch: recipe + cluster config -> plan -> submitit (SLURM or local) -> rank entry."""

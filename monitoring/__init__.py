@@ -1,0 +1,1 @@
+"""Operating a run: MLflow tracking, heartbeats, watchdog, stragglers, radio-monitor."""

@@ -1,0 +1,165 @@
+"""Typed configuration of a distillation run: every section is a frozen dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student backbone (a ViT with CPE, multiple CLS tokens and windowed-attention augmentation)."""
+
+    arch: str = "vit_s16"  # preset name, see radio_scale.models.presets
+    patch_size: Optional[int] = None  # None: the preset's
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    cpe_grid: int = 128  # learned position grid side (paper: 128x128)
+    cpe_scale: tuple[float, float] = (0.5, 1.0)  # area fraction of the grid cropped in training
+    cpe_ratio: tuple[float, float] = (0.75, 1.3333)
+    num_registers: int = 0
+    window_sizes: tuple[int, ...] = (0,)  # 0 = global attention; one is sampled per step
+    global_blocks: tuple[int, ...] = ()  # blocks that always attend globally
+    spectral_reparam: bool = False
+    activation_checkpointing: bool = False
+    drop_path: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A frozen teacher built from its own library and loaded from a local checkpoint."""
+
+    name: str
+    family: Literal["open_clip", "dinov2", "sam", "timm"]
+    model: str  # the library's model name (open_clip name, timm name, SAM vit_b/l/h)
+    checkpoint: Optional[str] = None  # local file in the library's format; None only with random_init
+    random_init: bool = False  # tiny test/smoke teachers: random weights with a fixed seed
+    init_seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)  # size overrides for tiny variants
+    input_size: Optional[int] = None  # None: the model's own preprocessing size
+    summary_weight: float = 1.0  # lambda_i (ignored when the teacher has no summary)
+    spatial_weight: float = 1.0  # gamma_i
+    sharding: Literal["auto", "replicate", "fsdp"] = "auto"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One teacher group: ranks that share (batch per rank, student resolution, teachers)."""
+
+    name: str
+    teachers: tuple[str, ...]
+    batch_per_rank: int
+    resolution: int  # student input side in pixels
+    ranks: Union[int, float, str] = "auto"  # count, fraction of the world, or "auto"
+    sampling_rate: float = 1.0  # fraction of steps on which this group contributes a batch
+    allow_batch_tuning: bool = False  # auto planner may change batch_per_rank
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A training stage; the student and optimizer carry over between stages."""
+
+    name: str
+    steps: int
+    groups: tuple[GroupConfig, ...]
+    warmup_steps: int = 0
+    lr: Optional[float] = None  # None: optim.lr
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 0.9  # cosine share of the spatial loss
+    beta: float = 0.1  # smooth-L1 share of the spatial loss
+    balancer: Literal["naive", "uncertainty", "adaloss"] = "naive"
+    adaloss_momentum: float = 0.99
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "bundled"  # "bundled", a brace pattern, a glob, a url, or a list file
+    image_key: str = "jpg;jpeg;png;webp"
+    label_key: str = "cls"
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    bad_shard_warn_after: int = 3
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite store inside the run directory
+    experiment: str = "radio_scale"
+    log_every: int = 10
+    system_metrics: bool = True
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    heartbeat_every: int = 1
+    hang_timeout_s: float = 600.0
+    startup_timeout_s: float = 1800.0
+    checkpoint_timeout_s: float = 1800.0
+    straggler_ratio: float = 1.5
+    nan_rollback_after: int = 3
+    collective_timeout_s: float = 600.0
+    max_requeues: int = 20
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # 0: never during training
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    datasets: tuple[str, ...] = ("digits",)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole resolved run."""
+
+    name: str
+    student: StudentConfig
+    teachers: tuple[TeacherConfig, ...]
+    stages: tuple[StageConfig, ...]
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0
+    run_dir: Optional[str] = None  # None: runs/<name>
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    distributed_backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    deepspeed_stage: int = 2
+
+    def teacher(self, name: str) -> TeacherConfig:
+        """The teacher config called `name`."""
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
