@@ -250,7 +250,8 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False) -> None:
         key = f"teachers.{t.name}"
         if t.checkpoint is None and not t.random_init:
             raise ConfigError(f"{src}: key '{key}.checkpoint' is not set (a local checkpoint path, or random_init: true)")
-        if check_files and t.checkpoint is not None and not t.random_init and not Path(t.checkpoint).is_file():
+        packaged = t.checkpoint is not None and t.checkpoint.startswith("pkg:")  # resolved by the teacher loader
+        if check_files and t.checkpoint is not None and not t.random_init and not packaged and not Path(t.checkpoint).is_file():
             raise ConfigError(f"{src}: key '{key}.checkpoint': file not found: {t.checkpoint}")
     if not (0 <= cfg.loss.alpha and 0 <= cfg.loss.beta):
         raise ConfigError(f"{src}: keys 'loss.alpha'/'loss.beta' must be >= 0")

@@ -1,0 +1,61 @@
+"""Cluster configuration (`cluster_configs/*.yaml`): where and how the ranks of a run are started."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from radio_scale.config.loader import ConfigError, _build
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One cluster: `local` (processes on this machine, the default) or `slurm` (through submitit)."""
+
+    name: str = "local"
+    kind: Literal["local", "slurm"] = "local"
+    tasks_per_node: int = 2  # ranks per node (= GPUs per node on a GPU cluster)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_per_task_gb: Optional[float] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_rank: Optional[int] = None  # torch intra-op threads per rank (CPU runs)
+    time_limit_min: int = 60 * 24
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit
+    max_requeues: int = 20
+    setup: tuple[str, ...] = ()  # shell lines run before the ranks start (modules, containers, env)
+    env: dict = field(default_factory=dict)
+    run_root: str = "runs"
+    mlflow_uri: Optional[str] = None  # overrides tracking.uri when set
+    gpu_memory_gb: float = 80.0  # memory limit the planner plans against
+    gpu_tflops: Optional[float] = None  # bf16 dense peak, for the planner's time estimates
+
+
+def load_cluster(path: Optional[str]) -> ClusterConfig:
+    """A cluster YAML -> ClusterConfig (None: this machine); ConfigError names the bad key and file."""
+    if path is None:
+        return ClusterConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"cluster config not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: is not valid YAML ({getattr(e, 'problem', e)})") from None
+    cfg = _build(ClusterConfig, raw, "", str(path))
+    for key in ("tasks_per_node", "cpus_per_task", "time_limit_min"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{path}: key '{key}' must be > 0, got {getattr(cfg, key)}")
+    if cfg.gpus_per_node < 0 or cfg.max_requeues < 0 or cfg.signal_delay_s < 0:
+        raise ConfigError(f"{path}: keys 'gpus_per_node', 'max_requeues', 'signal_delay_s' must be >= 0")
+    if cfg.kind == "slurm" and cfg.gpus_per_node and cfg.gpus_per_node != cfg.tasks_per_node:
+        raise ConfigError(f"{path}: key 'tasks_per_node' ({cfg.tasks_per_node}) must equal 'gpus_per_node' "
+                          f"({cfg.gpus_per_node}): one rank per GPU")
+    return cfg
