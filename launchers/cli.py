@@ -1,0 +1,130 @@
+"""radio-launch: recipe + cluster config -> plan (printed by --dry-run) -> local ranks or a SLURM job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from radio_scale.config import ConfigError, config_to_yaml, load_config
+from radio_scale.launchers.cluster import ClusterConfig, load_cluster
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="radio-launch",
+        description="Launch an AM-RADIO distillation: locally (default) or on SLURM through submitit.",
+        epilog="Overrides are dotted keys: radio-launch --recipe smoke optim.lr=5e-4 stages.0.steps=20",
+    )
+    p.add_argument("--recipe", default="smoke", help="shipped recipe name (smoke, two_stage, ...) or a YAML path")
+    p.add_argument("--nodes", type=int, default=1, help="nodes; ranks = nodes x the cluster's tasks_per_node")
+    p.add_argument("--cluster", default=None, help="cluster YAML (default: this machine, see cluster_configs/local.yaml)")
+    p.add_argument("--name", default=None, help="run name (the run directory is <run_root>/<name>)")
+    p.add_argument("--run-dir", default=None, help="explicit run directory (re-using one resumes that run)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the exact submission; start nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--wait", action="store_true", help="SLURM: wait for the job to end")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def plan_all(cfg, world: int, cluster: ClusterConfig) -> list:
+    """The plan of every stage at this world size."""
+    from radio_scale.distributed.plan import make_plan
+
+    kw = {"memory_limit_gb": cluster.gpu_memory_gb}
+    if cluster.gpu_tflops:
+        kw["device_tflops"] = cluster.gpu_tflops
+    return [make_plan(cfg, world, i, **kw) for i in range(len(cfg.stages))]
+
+
+def main(argv=None) -> int:
+    """Entry point of `radio-launch`; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    try:
+        cluster = load_cluster(args.cluster)
+        if args.nodes < 1:
+            raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+        check_files = not (args.dry_run or args.print_config)
+        cfg = load_config(args.recipe, overrides, check_files=check_files)
+        if cluster.mlflow_uri and cfg.tracking.uri is None:
+            cfg = replace(cfg, tracking=replace(cfg.tracking, uri=cluster.mlflow_uri))
+        world = args.nodes * cluster.tasks_per_node
+        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run_dir or Path(cluster.run_root) / cfg.name)
+        cfg = replace(cfg, run_dir=str(run_dir.resolve()))
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            return 0
+        plans = plan_all(cfg, world, cluster)
+    except (ConfigError, ValueError) as e:
+        print(f"radio-launch: {e}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        print_dry_run(cfg, cluster, args.nodes, world, plans, run_dir)
+        return 0
+
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(config_to_yaml(cfg))
+    (run_dir / "plan.json").write_text(json.dumps(
+        {"world_size": world, "cluster": cluster.name, "stages": [
+            {"name": s.name, "steps": s.steps, **p.to_dict()} for s, p in zip(cfg.stages, plans)]}, indent=1, default=str))
+    mlflow_at = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+    if cluster.kind == "slurm":
+        from radio_scale.launchers.slurm import submit
+
+        job = submit(cluster, args.nodes, config_path, run_dir, cfg.name)
+        print(f"submitted SLURM job {job.job_id}: {world} ranks on {args.nodes} node(s)")
+        _print_where(run_dir, mlflow_at)
+        if args.wait:
+            job.wait()
+            state = job.state
+            print(f"job {job.job_id} ended: {state}")
+            return 0 if state == "COMPLETED" else 1
+        return 0
+
+    from radio_scale.launchers.local import launch
+
+    print(f"launching {world} local rank(s) for recipe '{cfg.name}'")
+    _print_where(run_dir, mlflow_at)
+    code = launch(cluster, world, config_path, run_dir)
+    if code == 0:
+        print(f"finished: export in {run_dir / 'export'}")
+    else:
+        print(f"ranks exited with code {code}; run the same command again to resume from the newest checkpoint",
+              file=sys.stderr)
+    return code
+
+
+def _print_where(run_dir: Path, mlflow_at: str) -> None:
+    print(f"run directory: {run_dir}")
+    print(f"mlflow:        {mlflow_at}  (UI: radio-monitor ui {run_dir})")
+    print(f"monitor:       radio-monitor status {run_dir} --watch")
+
+
+def print_dry_run(cfg, cluster: ClusterConfig, nodes: int, world: int, plans: list, run_dir: Path) -> None:
+    """The resolved plan of every stage, then the exact submission."""
+    print(f"recipe {cfg.name}: {world} ranks = {nodes} node(s) x {cluster.tasks_per_node} on cluster '{cluster.name}' "
+          f"({cluster.kind}); student {cfg.student.arch}; {cfg.total_steps} steps")
+    for stage, plan in zip(cfg.stages, plans):
+        print(f"\nstage '{stage.name}': {stage.steps} steps")
+        print(plan.table())
+    print("\nsubmission:")
+    if cluster.kind == "slurm":
+        from radio_scale.launchers.slurm import sbatch_preview
+
+        print(sbatch_preview(cluster, nodes, cfg.name, run_dir.resolve() / "slurm"))
+    else:
+        from radio_scale.launchers.local import local_command
+
+        print(" ".join(local_command(world, run_dir.resolve() / "config.yaml", run_dir.resolve())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Sharding: FSDP2 for the student + every head over the world; teachers sharded over their group or replicated."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+# A teacher above this many parameters is sharded over its group when its config says "auto".
+AUTO_SHARD_PARAMS = 1_000_000_000
+
+
+def mixed_precision(device: torch.device, precision: str) -> Optional[MixedPrecisionPolicy]:
+    """bf16 params / fp32 reduce on GPU; None (fp32) on CPU, where bf16 is ~70x slower."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def world_mesh(device: torch.device) -> DeviceMesh:
+    """A 1-D mesh over all ranks."""
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device, precision: str,
+                  activation_checkpointing: bool) -> nn.Module:
+    """FSDP2 per transformer block, then the root (patch embed, position grid, tokens, heads, balancer)."""
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, blk in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(blk)
+    if not dist.is_initialized():
+        return model
+    mesh = world_mesh(device)
+    mp = mixed_precision(device, precision)
+    kw = {"mesh": mesh}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for blk in blocks:
+        fully_shard(blk, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def shard_teacher(teacher: nn.Module, mode: str, group: Optional[dist.ProcessGroup], device: torch.device,
+                  precision: str) -> nn.Module:
+    """A frozen teacher: FSDP2 over its group's ranks ("fsdp"), or a full copy per rank ("replicate")."""
+    n_params = sum(p.numel() for p in teacher.parameters())
+    if mode == "auto":
+        mode = "fsdp" if n_params >= AUTO_SHARD_PARAMS else "replicate"
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        teacher.to(torch.bfloat16)  # teachers only run forward: keep them in bf16 on GPU
+    if mode == "replicate" or group is None or dist.get_world_size(group) <= 1:
+        return teacher
+    mesh = DeviceMesh.from_group(group, device.type)
+    # Shard each transformer block if the teacher exposes them, so only one block is gathered at a time.
+    for name in ("blocks", "resblocks", "layers"):
+        for mod in teacher.modules():
+            seq = getattr(mod, name, None)
+            if isinstance(seq, nn.ModuleList) and len(seq) > 1 and any(p.numel() for p in seq.parameters()):
+                for blk in seq:
+                    fully_shard(blk, mesh=mesh)
+    fully_shard(teacher, mesh=mesh)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for method in ("forward_features", "encode_image"):
+        if hasattr(teacher, method):
+            register_fsdp_forward_method(teacher, method)
+    return teacher

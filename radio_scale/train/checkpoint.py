@@ -1,0 +1,163 @@
+"""Sharded checkpoints with torch.distributed.checkpoint: atomic (temp dir + rename), keep-last-k, async.
+
+Layout of one checkpoint `<root>/step_000000120/`:
+  DCP shards + .metadata   model (student + heads + balancer) and optimizer, resharded on load
+  trainer.json             global trainer state (step, stage, tracking run id, guards), written by rank 0
+  rank_00003.pt            per-rank state (RNG states, data position), weights-only loadable
+  .complete                written last, just before the rename; only complete checkpoints are ever loaded
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+COMPLETE = ".complete"
+TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def list_complete(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_complete(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None; half-written ones (temp dirs, no marker) are never returned."""
+    done = list_complete(root)
+    return done[-1] if done else None
+
+
+class Checkpointer:
+    """Saves and restores the trainer's state; every rank calls every method (SPMD)."""
+
+    def __init__(self, root: Path, keep: int, async_save: bool, rank: int, world_size: int):
+        self.root = Path(root)
+        self.keep = max(1, keep)
+        self.async_save = async_save and world_size >= 1
+        self.rank = rank
+        self.world_size = world_size
+        self._pending: Optional[tuple[Future, Path, Path, dict]] = None
+        self.last_stall_s = 0.0
+        self.last_saved_step: Optional[int] = None
+        # The async writer runs collectives from a background thread: give it its own group so it never
+        # interleaves with the training collectives.
+        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() and self.async_save else None
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for p in self.root.glob(TMP_PREFIX + "*"):  # leftovers of a save killed halfway
+                shutil.rmtree(p, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             rank_state: dict, block: bool = False) -> float:
+        """Checkpoint `step`; returns the seconds the training loop was stalled."""
+        t0 = time.perf_counter()
+        self.wait()  # at most one save in flight
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if dist.is_initialized():
+            dist.barrier()
+        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        if self.async_save and not block:
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
+            self._pending = (fut, tmp, final, trainer_state)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final, trainer_state)
+        self.last_stall_s = time.perf_counter() - t0
+        return self.last_stall_s
+
+    def poll(self) -> None:
+        """Finalize an async save whose writes have finished (cheap; call every step)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is written and finalized."""
+        if self._pending is None:
+            return
+        fut, tmp, final, trainer_state = self._pending
+        self._pending = None
+        fut.result()
+        self._finalize(tmp, final, trainer_state)
+
+    def _finalize(self, tmp: Path, final: Path, trainer_state: dict) -> None:
+        # DCP's finish step gathers every rank's write results before the coordinator writes .metadata, so once
+        # rank 0 is here all shards and rank files are on disk.
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+            (tmp / COMPLETE).write_text(json.dumps({"step": trainer_state.get("step"), "time": time.time()}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.last_saved_step = trainer_state.get("step")
+            for old in list_complete(self.root)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
+        """Restore model (+ optimizer) from `path`; returns (trainer_state, this rank's state or None)."""
+        path = Path(path)
+        if not (path / COMPLETE).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE} marker)")
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        trainer_state = json.loads((path / "trainer.json").read_text())
+        rank_file = path / f"rank_{self.rank:05d}.pt"
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
+        return trainer_state, rank_state
+
+    def close(self) -> None:
+        self.wait()
+
+
+def checkpoint_world_size(path: Path) -> int:
+    """How many ranks wrote the checkpoint at `path`."""
+    return len(list(Path(path).glob("rank_*.pt")))
+
+
+def load_model_weights(path: Path) -> dict[str, Any]:
+    """Model tensors of a checkpoint as a plain dict, without a process group (for evaluation/export)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "full.pt"
+        dcp_to_torch_save(str(path), str(out))
+        full = torch.load(out, weights_only=True)
+    return full["model"]

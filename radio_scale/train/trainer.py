@@ -1,0 +1,443 @@
+"""The distillation trainer: one Stateful object, one step function you can read top to bottom."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from radio_scale.config import RunConfig, config_to_dict, config_to_yaml, flatten
+from radio_scale.distributed.env import DistEnv
+from radio_scale.distributed.parallel import shard_student
+from radio_scale.distributed.plan import group_active
+from radio_scale.losses import UncertaintyBalancer, build_balancer, spatial_loss, summary_loss, term_weights
+from radio_scale.models import AdaptorHeads, build_student
+from radio_scale.monitoring.heartbeat import Heartbeat
+from radio_scale.monitoring.nan_guard import NanGuard
+from radio_scale.monitoring.rundir import METRICS, append_event, append_jsonl, atomic_write_json, read_jsonl
+from radio_scale.monitoring.tracking import Tracker
+from radio_scale.monitoring.watchdog import Watchdog
+from radio_scale.teachers.spec import teacher_spec
+from radio_scale.train.checkpoint import Checkpointer, checkpoint_world_size, latest_complete
+from radio_scale.train.export import export_student
+from radio_scale.train.optim import build_optimizer, lr_at, set_lr
+from radio_scale.train.preemption import PreemptionFlag
+from radio_scale.train.stage import StageRuntime, build_stage, stage_at, stage_bounds
+
+log = logging.getLogger("radio_scale.train")
+# The heads return reshaped (view) tensors that the loss only reads; FSDP2 warns about in-place use of views.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+class DistillModel(nn.Module):
+    """Student + every adaptor head + the loss balancer: the one module that is sharded, optimised and saved."""
+
+    def __init__(self, student: nn.Module, heads: AdaptorHeads, balancer: nn.Module):
+        super().__init__()
+        self.student = student
+        self.heads = heads
+        self.balancer = balancer
+
+    def forward(self, images: torch.Tensor, window_size: int = 0) -> dict:
+        """Every head's prediction for `images` (the root forward, so FSDP gathers the root's parameters)."""
+        return self.heads(self.student(images, window_size=window_size))
+
+
+@dataclass
+class StepStats:
+    """What one step measured, reduced over all ranks."""
+
+    loss: float
+    terms: dict[str, float]
+    weights: dict[str, float]
+    grad_norm: float
+    samples: int
+    window: int
+    finite: bool
+    preempt: bool
+    data: dict[str, float] = field(default_factory=dict)
+
+
+def build_model(cfg: RunConfig) -> tuple[DistillModel, list]:
+    """Student + all heads + balancer with the run's seeded initial weights (identical on every rank)."""
+    torch.manual_seed(cfg.seed)
+    specs = [teacher_spec(t) for t in cfg.teachers]
+    static = term_weights(cfg.teachers, {s.name: s.has_summary for s in specs})
+    student = build_student(cfg.student, [s.name for s in specs if s.has_summary])
+    heads = AdaptorHeads(student.embed_dim, specs)
+    return DistillModel(student, heads, build_balancer(cfg.loss, static)), specs
+
+
+class Trainer:
+    """Builds the run's model from its config and trains it; `state_dict()` holds everything a resume needs."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path):
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.device = env.device
+        self.model, self.specs = build_model(cfg)
+        self.model.to(self.device)
+        self.terms = list(self.model.balancer.names)
+        student = self.model.student
+        shard_student(self.model, student.blocks, self.device, cfg.precision, cfg.student.activation_checkpointing)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.checkpointer = Checkpointer(
+            Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints",
+            keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, rank=env.rank, world_size=env.world_size,
+        )
+        self.nan_guard = NanGuard(rollback_after=cfg.monitor.nan_rollback_after)
+        self.step = 0
+        self.run_id: Optional[str] = None
+        self.stage: Optional[StageRuntime] = None
+        self._iters: dict = {}
+        self._seed_rank_rng()
+        self.preemption = PreemptionFlag()
+        self.tracker = Tracker(cfg.tracking.uri, self.run_dir, cfg.tracking.experiment, cfg.name, enabled=env.is_main)
+        self.heartbeat = Heartbeat(self.run_dir, env.rank, every=cfg.monitor.heartbeat_every)
+        self.watchdog: Optional[Watchdog] = None
+        self.stall_s: list[float] = []
+        self._logged_until = 0
+
+    # ------------------------------------------------------------------ state
+    def _seed_rank_rng(self) -> None:
+        seed = self.cfg.seed * 100_003 + self.env.rank + 1
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+
+    def state_dict(self) -> tuple[dict, dict]:
+        """(global trainer state for trainer.json, this rank's state); model/optimizer go through DCP."""
+        trainer_state = {
+            "step": self.step,
+            "stage": stage_at(self.cfg, self.step),
+            "run_id": self.run_id,
+            "nan_guard": self.nan_guard.state_dict(),
+            "world_size": self.env.world_size,
+            "name": self.cfg.name,
+        }
+        rank_state = {
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": _python_rng_to_tensor(),
+            "numpy_rng": _numpy_rng_to_tensor(),
+            "stage": self.stage.index if self.stage else -1,
+            "data": {g: ld.state_dict() for g, ld in (self.stage.loaders.items() if self.stage else [])},
+        }
+        return trainer_state, rank_state
+
+    def load_state_dict(self, trainer_state: dict, rank_state: Optional[dict]) -> Optional[dict]:
+        """Restore counters and this rank's RNG; returns the data positions to resume the streams from."""
+        self.step = int(trainer_state["step"])
+        self.run_id = trainer_state.get("run_id")
+        self.nan_guard.load_state_dict(trainer_state.get("nan_guard", {}))
+        same_world = trainer_state.get("world_size") == self.env.world_size
+        if rank_state is None or not same_world:
+            # Another world size: model and optimizer reshard exactly; RNG and data streams restart from a seed
+            # derived from the resume step (no replay of the samples already seen from the stream's start).
+            self._seed_rank_rng()
+            torch.manual_seed(torch.initial_seed() + self.step)
+            return {"_reseed": self.step}
+        torch.set_rng_state(rank_state["torch_rng"])
+        _python_rng_from_tensor(rank_state["python_rng"])
+        _numpy_rng_from_tensor(rank_state["numpy_rng"])
+        if rank_state.get("stage") != stage_at(self.cfg, self.step):
+            return None  # saved at a stage end: the next stage starts fresh streams
+        return rank_state.get("data")
+
+    def save(self, block: bool = False) -> None:
+        """Checkpoint now (all ranks)."""
+        if self.watchdog:
+            self.watchdog.phase("checkpoint")
+        trainer_state, rank_state = self.state_dict()
+        stall = self.checkpointer.save(self.step, self.model, self.optimizer, trainer_state, rank_state, block=block)
+        if block:
+            self.checkpointer.wait()
+        self.stall_s.append(stall)
+        if self.env.is_main:
+            append_event(self.run_dir, "checkpoint", self.env.rank, f"checkpoint at step {self.step}",
+                         step=self.step, stall_s=round(stall, 4))
+        if self.watchdog:
+            self.watchdog.phase("train")
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint if there is one; True if resumed."""
+        path = latest_complete(self.checkpointer.root) if self.env.is_main else None
+        path = _broadcast_object(path)
+        if path is None:
+            return False
+        trainer_state, rank_state = self.checkpointer.load(path, self.model, self.optimizer)
+        positions = self.load_state_dict(trainer_state, rank_state)
+        self._enter_stage(stage_at(self.cfg, self.step), positions)
+        if self.env.is_main:
+            append_event(self.run_dir, "resume", 0, f"resumed from {path.name} (written by "
+                         f"{checkpoint_world_size(path)} ranks, now {self.env.world_size})", step=self.step)
+        return True
+
+    # ------------------------------------------------------------------ stages
+    def _enter_stage(self, index: int, positions: Optional[dict] = None) -> None:
+        if self.stage is not None:
+            self.stage.close()
+        reseed = positions.pop("_reseed", None) if positions else None
+        cfg = self.cfg
+        if reseed is not None:  # world size changed: streams seeded by the resume step
+            from dataclasses import replace
+
+            cfg = replace(cfg, seed=cfg.seed + 7919 * (reseed + 1))
+            positions = None
+        self.stage = build_stage(cfg, self.env, index, positions)
+        self._iters = {g: iter(ld) for g, ld in self.stage.loaders.items()}
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / f"plan_stage{index}.json", self.stage.plan.to_dict())
+            append_event(self.run_dir, "start", 0, f"stage {index} '{cfg.stages[index].name}' at step {self.step}",
+                         stage=index, step=self.step)
+
+    def window_size(self, step: int) -> int:
+        """The step's attention window (0 = global), the same on every rank."""
+        sizes = self.cfg.student.window_sizes
+        return sizes[zlib.crc32(f"{self.cfg.seed}:{step}".encode()) % len(sizes)]
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, batches: Optional[dict] = None, apply: bool = True) -> StepStats:
+        """One optimisation step: views → teachers → student → heads → losses → backward → clip → AdamW."""
+        rt, cfg, dev, world = self.stage, self.cfg, self.device, self.env.world_size
+        window = self.window_size(self.step)
+        active = {g.name: group_active(cfg.seed, rt.index, self.step, g.name, g.sampling_rate) for g in rt.plan.groups}
+        n_global = sum(g.batch_per_rank * len(g.ranks) for g in rt.plan.groups if active[g.name])
+        n_global = max(n_global, 1)
+        weights, regularizer = loss_weights(self.model.balancer)
+        sums = torch.zeros(2 * len(self.terms))  # per term: sum over samples, number of samples
+        for i in range(rt.micro_steps):
+            g = rt.groups[i] if i < len(rt.groups) else None
+            real = g is not None and active[g.name]
+            if real:
+                batch = batches[g.name] if batches is not None else next(self._iters[g.name])
+                images = batch.student.to(dev, non_blocking=True)
+                with torch.no_grad():
+                    targets = {n: rt.teachers[n](batch.teachers[n].to(dev, non_blocking=True)) for n in g.teachers}
+            else:  # SPMD: a rank with nothing to do this micro-step still joins every collective, with zero loss
+                res = min(gp.resolution for gp in rt.plan.groups)
+                images, targets = torch.zeros(1, 3, res, res, device=dev), {}
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(i == rt.micro_steps - 1)
+            preds = self.model(images, window_size=window)
+            loss = torch.zeros((), device=dev)
+            for name, pred in preds.items():
+                tgt = targets.get(name)
+                if tgt is None:  # head unused on this rank: zero gradient, but it takes part in the reduce
+                    loss = loss + 0.0 * sum(p.float().sum() for p in (pred.summary, pred.spatial) if p is not None)
+                    continue
+                per_term = {}
+                if pred.summary is not None and tgt.summary is not None:
+                    per_term[f"{name}/summary"] = summary_loss(pred.summary.float(), tgt.summary.float())
+                per_term[f"{name}/spatial"] = spatial_loss(pred.spatial.float(), tgt.spatial.float(),
+                                                           cfg.loss.alpha, cfg.loss.beta)
+                for k, v in per_term.items():
+                    j = self.terms.index(k)
+                    sums[j] += v.detach().sum().cpu()
+                    sums[len(self.terms) + j] += v.numel()
+                    # global per-sample mean: this rank's sum over the global sample count
+                    loss = loss + weights[k] * v.sum() / n_global
+            # balancer parameters (uncertainty) get a gradient on every rank; the regulariser counts once
+            loss = loss + 0.0 * sum(w.sum() for w in weights.values()) + regularizer * float(i == 0 and self.env.is_main)
+            (loss * world).backward()  # FSDP averages gradients over ranks; undo it to get the global sum
+        return self._finish_step(sums, n_global, window, apply)
+
+    def _finish_step(self, sums: torch.Tensor, n_global: int, window: int, apply: bool) -> StepStats:
+        """All-reduce the step's measurements, clip, check finiteness, and apply the optimizer step."""
+        data = self._data_counters()
+        extra = torch.tensor([float(self.preemption.requested), *data.values()])
+        vec = torch.cat([sums, extra]).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        vec = vec.cpu()
+        k = len(self.terms)
+        term_sum, term_n = vec[:k], vec[k: 2 * k]
+        terms = {t: float(term_sum[j] / term_n[j]) for j, t in enumerate(self.terms) if term_n[j] > 0}
+        weights = {t: float(w) for t, w in loss_weights(self.model.balancer)[0].items()}
+        total = float(sum(weights[t] * term_sum[j] for j, t in enumerate(self.terms)) / n_global)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
+        if apply and finite:
+            rt = self.stage
+            set_lr(self.optimizer, lr_at(self.step - rt.start_step, self.cfg.stages[rt.index], self.cfg.optim))
+            self.optimizer.step()
+            if hasattr(self.model.balancer, "update"):  # AdaLoss: statistics from the globally reduced terms
+                self.model.balancer.update(terms)
+        if apply:
+            self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss=total, terms=terms, weights=weights, grad_norm=grad_norm, samples=int(term_n.max()),
+                         window=window, finite=finite, preempt=bool(vec[2 * k] > 0),
+                         data=dict(zip(data.keys(), (float(x) for x in vec[2 * k + 1:]))))
+
+    def _data_counters(self) -> dict[str, float]:
+        seen = skipped = 0
+        for ld in self.stage.loaders.values():
+            st = ld.stats()
+            seen += st.seen
+            skipped += sum(st.skipped.values())
+        return {"data/seen": float(seen), "data/skipped": float(skipped)}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_step=None) -> str:
+        """Train to the end (or to a preemption); returns 'finished' or 'preempted'."""
+        cfg, env = self.cfg, self.env
+        mon = cfg.monitor
+        self.watchdog = Watchdog(self.run_dir, env.rank, timeouts={
+            "startup": mon.startup_timeout_s, "train": mon.hang_timeout_s, "checkpoint": mon.checkpoint_timeout_s})
+        self.watchdog.phase("startup")
+        self.preemption.install()
+        try:
+            resumed = self.resume()
+            self.run_id = self.tracker.start(self.run_id)
+            self.run_id = _broadcast_object(self.run_id)
+            self._logged_until = self._last_logged_step() if env.is_main else 0
+            if env.is_main:
+                (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+                if not resumed:
+                    self.tracker.log_params(flatten(config_to_dict(cfg)))
+                self.tracker.set_tags({"recipe": cfg.name, "world_size": env.world_size})
+            total = cfg.total_steps
+            self.watchdog.phase("train")
+            while self.step < total:
+                index = stage_at(cfg, self.step)
+                if self.stage is None or self.stage.index != index:
+                    self.watchdog.phase("startup")
+                    self._enter_stage(index)
+                    self.watchdog.phase("train")
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                dt = time.perf_counter() - t0
+                action = self.nan_guard.check(stats.loss if stats.finite else float("nan"))
+                if action == "rollback":
+                    self._rollback()
+                    continue
+                if action == "skip" and env.is_main:
+                    append_event(self.run_dir, "nan_skip", 0, f"non-finite loss at step {self.step}: step skipped",
+                                 step=self.step)
+                self.step += 1
+                self.watchdog.progress()
+                self.heartbeat.beat(step=self.step, stage=index, loss=stats.loss, step_time=dt, phase="train")
+                self._log(stats, dt, index)
+                if on_step:
+                    on_step(self, stats)
+                self.checkpointer.poll()
+                stage_end = self.step == stage_bounds(cfg)[index][1]
+                if stats.preempt:
+                    self.save(block=True)
+                    if env.is_main:
+                        append_event(self.run_dir, "preempt", 0, f"preempted: saved step {self.step}", step=self.step)
+                    return "preempted"
+                if self.step % cfg.checkpoint.every == 0 or stage_end:
+                    self.save(block=stage_end and self.step == total)
+            self.checkpointer.wait()
+            self.watchdog.phase("checkpoint")
+            export_dir = export_student(self.model, cfg, self.specs, self.run_dir / "export", is_main=env.is_main)
+            if env.is_main:
+                self.tracker.log_artifact(self.run_dir / "config.yaml")
+                if export_dir is not None:
+                    self.tracker.log_artifact(export_dir / "config.yaml")
+                append_event(self.run_dir, "finished", 0, f"finished {self.step} steps", step=self.step)
+                self.tracker.end("FINISHED")
+            return "finished"
+        finally:
+            self.checkpointer.close()
+            self.preemption.uninstall()
+            if self.watchdog:
+                self.watchdog.stop()
+            if self.stage is not None:
+                self.stage.close()
+
+    def _last_logged_step(self) -> int:
+        """The newest step already in metrics.jsonl (a resumed run replays steps after its checkpoint)."""
+        path = self.run_dir / METRICS
+        records = read_jsonl(path, tail_bytes=1 << 16) if path.exists() else []
+        return max((int(r.get("step", 0)) for r in records), default=0)
+
+    def _rollback(self) -> None:
+        """K non-finite steps in a row: restore the last complete checkpoint, keep the data streams moving."""
+        path = latest_complete(self.checkpointer.root) if self.env.is_main else None
+        path = _broadcast_object(path)
+        if path is None:
+            raise RuntimeError(f"rank {self.env.rank}: {self.nan_guard.rollback_after} non-finite steps in a row "
+                               "and no checkpoint to roll back to")
+        trainer_state, _ = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step = int(trainer_state["step"])
+        if self.env.is_main:
+            append_event(self.run_dir, "nan_rollback", 0, f"rolled back to {path.name} after non-finite losses",
+                         step=self.step)
+        if self.stage is None or self.stage.index != stage_at(self.cfg, self.step):
+            self._enter_stage(stage_at(self.cfg, self.step))
+
+    def _log(self, stats: StepStats, dt: float, stage: int) -> None:
+        # After a resume, steps up to the last one already logged are replayed: log each step once only.
+        if not self.env.is_main or self.step <= self._logged_until:
+            return
+        rec = {
+            "step": self.step, "stage": stage, "loss/total": stats.loss, "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": stats.grad_norm, "step_time": dt, "images_per_s": stats.samples / max(dt, 1e-9),
+            "window_size": stats.window, "time": time.time(),
+            **{f"loss/{k}": v for k, v in stats.terms.items()},
+            **{f"weight/{k}": v for k, v in stats.weights.items()},
+            **stats.data,
+        }
+        if torch.cuda.is_available():
+            rec["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import psutil
+
+            rec["memory/rss_gb"] = psutil.Process().memory_info().rss / 2**30
+        append_jsonl(self.run_dir / METRICS, rec)
+        if self.step % self.cfg.tracking.log_every == 0 or self.step == self.cfg.total_steps:
+            self.tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step", "time")}, step=self.step)
+
+
+def loss_weights(balancer) -> tuple[dict, torch.Tensor]:
+    """Each term's weight as it enters the loss (differentiable for learned weights) and the balancer's regulariser.
+
+    The trainer sums weight x (partial term) over ranks and micro-steps, so a regulariser must be added once
+    per step, not once per call: hence weights and regulariser separately.
+    """
+    if isinstance(balancer, UncertaintyBalancer):
+        w = balancer.prior * torch.exp(-balancer.log_vars)
+        reg = (balancer.prior * balancer.log_vars).sum()
+    else:
+        w, reg = balancer.effective_weights(), torch.zeros(())
+    return {n: w[i] for i, n in enumerate(balancer.names)}, reg
+
+
+def _broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _python_rng_to_tensor() -> torch.Tensor:
+    version, state, gauss = random.getstate()
+    return torch.tensor(list(state) + [-1 if gauss is None else 0], dtype=torch.int64)
+
+
+def _python_rng_from_tensor(t: torch.Tensor) -> None:
+    vals = t.tolist()
+    random.setstate((3, tuple(vals[:-1]), None))
+
+
+def _numpy_rng_to_tensor() -> torch.Tensor:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return torch.tensor(list(keys.astype(np.int64)) + [pos, has_gauss], dtype=torch.int64)
+
+
+def _numpy_rng_from_tensor(t: torch.Tensor) -> None:
+    vals = t.tolist()
+    np.random.set_state(("MT19937", np.array(vals[:-2], dtype=np.uint32), vals[-2], vals[-1], 0.0))

@@ -1,0 +1,35 @@
+"""Run under torchrun: one step of a two-group stage with unequal batches; rank 0 saves full gradients + batches."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from radio_scale.config import load_config
+from radio_scale.distributed.env import init_distributed, shutdown
+from radio_scale.train.trainer import Trainer
+
+
+def main(out: str, run_dir: str, overrides: list[str]) -> None:
+    cfg = load_config("smoke", overrides)
+    env = init_distributed(timeout_s=120)
+    trainer = Trainer(cfg, env, run_dir)
+    trainer._enter_stage(1)  # the stage with two teacher groups
+    batches = {g.name: next(trainer._iters[g.name]) for g in trainer.stage.groups}
+    stats = trainer.train_step(batches=batches, apply=False)
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    mine = {g: {"student": b.student, "teachers": b.teachers} for g, b in batches.items()}
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, mine)
+    if env.rank == 0:
+        torch.save({"grads": grads, "batches": everyone, "loss": stats.loss, "terms": stats.terms}, out)
+    trainer.stage.close()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
