@@ -1,0 +1,329 @@
+"""The rank plan: rank counts, the analytic cost model, the auto planner, sampling rates, process subgroups."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from radio_scale.config import load_config
+from radio_scale.distributed.cost import KNOWN_TEACHERS, student_arch, student_cost, teacher_cost
+from radio_scale.distributed.plan import group_active, make_plan
+
+TWO_STAGE_GLOBAL = ["student.window_sizes=[0]", "student.activation_checkpointing=false"]
+
+
+def stage2_with(*ranks, batches=None, rates=None):
+    """The smoke recipe whose stage 2 has one tiny group per entry of `ranks` (count, fraction or auto)."""
+    batches = batches or [2] * len(ranks)
+    rates = rates or [1.0] * len(ranks)
+    groups = ", ".join(
+        f"{{name: g{i}, teachers: [clip], batch_per_rank: {b}, resolution: 64, ranks: {r}, sampling_rate: {s}}}"
+        for i, (r, b, s) in enumerate(zip(ranks, batches, rates)))
+    return load_config("smoke", [f"stages.1.groups=[{groups}]"])
+
+
+def counts(plan):
+    return [g.num_ranks for g in plan.groups]
+
+
+# ------------------------------------------------------------------------------------------- cost model
+
+
+def _meta_flops_and_params(build, size, method="forward"):
+    """FLOPs (torch's counter) and parameters of a library model built on the meta device: no memory, no weights."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build()
+        x = torch.empty(1, 3, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        getattr(model, method)(x)
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+def _open_clip_visual():
+    import open_clip
+
+    return open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None, device="meta").visual
+
+
+def _dinov2_giant_reg4():
+    import timm
+
+    return timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, img_size=224)
+
+
+def _sam_vit_b():
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry["vit_b"](checkpoint=None).image_encoder
+
+
+@pytest.mark.parametrize("key,build,size,method", [
+    (("open_clip", "ViT-L-14-336-quickgelu"), _open_clip_visual, 336, "forward"),
+    (("dinov2", "vit_giant_patch14_reg4_dinov2"), _dinov2_giant_reg4, 224, "forward_features"),  # SwiGLU, registers
+    (("sam", "vit_b"), _sam_vit_b, 1024, "forward"),  # windowed attention with padding, relative positions, neck
+])
+def test_analytic_teacher_flops_equal_torch_flop_counter_on_the_real_library_model(key, build, size, method):
+    flops, params = _meta_flops_and_params(build, size, method)
+    arch = KNOWN_TEACHERS[key]
+    assert arch.forward_flops(size) == pytest.approx(flops, rel=0.005)
+    assert arch.params == pytest.approx(params, rel=0.01)
+
+
+def test_analytic_student_flops_equal_flop_counter_of_a_timm_vit_h16():
+    from timm.models.vision_transformer import VisionTransformer
+
+    def vit_h16_432():
+        return VisionTransformer(img_size=432, patch_size=16, embed_dim=1280, depth=32, num_heads=16, num_classes=0)
+
+    flops, _ = _meta_flops_and_params(vit_h16_432, 432, "forward_features")
+    arch = student_arch(load_config("two_stage").student, prefix_tokens=1)
+    assert arch.forward_flops(432, window_size=0) == pytest.approx(flops, rel=0.005)
+
+
+def test_cost_model_reproduces_the_design_numbers_of_the_two_stage_recipe():
+    cfg = load_config("two_stage")
+    student = student_arch(cfg.student, prefix_tokens=1)
+    assert student.forward_flops(432, 0) / 1e9 == pytest.approx(1007, rel=0.01)
+    assert student.forward_flops(1024, 0) / 1e9 == pytest.approx(7913, rel=0.01)
+    t = {tc.name: teacher_cost(tc).forward_flops / 1e9 for tc in cfg.teachers}
+    assert t["dfn_clip"] == pytest.approx(1007, rel=0.01)
+    assert t["dinov2"] == pytest.approx(599, rel=0.02)  # the recipe's reg4 variant has 4 more tokens
+    assert t["sam"] == pytest.approx(5961, rel=0.01)
+    assert KNOWN_TEACHERS[("open_clip", "ViT-H-14")].forward_flops(224) / 1e9 == pytest.approx(335, rel=0.01)
+    # the design's per-rank step FLOPs of the paper split (it counts DFN CLIP + DINOv2 only)
+    clip_dino = 32 * (3 * student.forward_flops(432, 0) + (t["dfn_clip"] + t["dinov2"]) * 1e9)
+    sam = 2 * (3 * student.forward_flops(1024, 0) + t["sam"] * 1e9)
+    assert clip_dino / 1e12 == pytest.approx(148, rel=0.03)
+    assert sam / 1e12 == pytest.approx(59, rel=0.03)
+
+
+def test_activation_checkpointing_keeps_a_tenth_of_the_student_activations():
+    arch = student_cost(load_config("two_stage")).arch
+    full = arch.train_activation_bytes(432, checkpointing=False)
+    ckpt = arch.train_activation_bytes(432, checkpointing=True)
+    # 32 blocks x 34 B/token/channel without, 32 x 2 B + one recomputed block with
+    assert full / ckpt == pytest.approx(32 * 34 / (32 * 2 + 34), rel=0.01)
+    assert full / 2**30 == pytest.approx(34 * 32 * (27 * 27 + 3) * 1280 / 2**30, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- rank counts
+
+
+def test_fractions_round_to_counts_that_sum_to_the_world_size():
+    assert counts(make_plan(stage2_with(0.3, 0.3, 0.4), 10, 1)) == [3, 3, 4]
+    seven = counts(make_plan(stage2_with(0.3, 0.3, 0.4), 7, 1))
+    assert sum(seven) == 7 and min(seven) >= 1 and seven[2] == max(seven)
+    # 0.1 of 4 ranks rounds to 0: every group still gets one
+    assert counts(make_plan(stage2_with(0.9, 0.1), 4, 1)) == [3, 1]
+
+
+def test_counts_are_served_first_then_fractions_then_auto_in_contiguous_blocks():
+    plan = make_plan(stage2_with(3, "auto", 0.25), 16, 1)
+    assert counts(plan) == [3, 9, 4]
+    assert [g.ranks for g in plan.groups] == [(0, 1, 2), tuple(range(3, 12)), (12, 13, 14, 15)]
+    assert sorted(r for g in plan.groups for r in g.ranks) == list(range(16))
+
+
+def test_rank_counts_that_do_not_match_the_world_raise_a_one_line_error():
+    with pytest.raises(ValueError, match=r"stage 'stage2'.*g0=3 \+ g1=3 = 6 do not match world size 8") as e:
+        make_plan(stage2_with(3, 3), 8, 1)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"stage 'stage2': group 'g1' gets no rank.*world size 8"):
+        make_plan(stage2_with(8, "auto"), 8, 1)
+    with pytest.raises(ValueError, match=r"stage 'stage2': rank fractions g0=0.7, g1=0.6 add up to 1.3"):
+        make_plan(stage2_with(0.7, 0.6, "auto"), 8, 1)
+
+
+def test_single_group_stage_takes_the_whole_world_whatever_its_count():
+    plan = make_plan(load_config("two_stage"), 64, 0)  # the recipe asks for 32 ranks
+    assert plan.groups[0].ranks == tuple(range(64))
+    assert plan.utilisation == pytest.approx(1.0)
+
+
+def test_smoke_plan_on_two_ranks_and_on_one():
+    cfg = load_config("smoke")
+    stage1, stage2 = make_plan(cfg, 2, 0), make_plan(cfg, 2, 1)
+    assert stage1.group_of(0).ranks == stage1.group_of(1).ranks == (0, 1)
+    assert stage2.group_of(0).name == "clip_dino" and stage2.group_of(0).ranks == (0,)
+    assert stage2.group_of(1).name == "sam" and stage2.group_of(1).ranks == (1,)
+    with pytest.raises(ValueError, match="rank 2 is outside the world of 2"):
+        stage2.group_of(2)
+    assert make_plan(cfg, 1, 0).group_of(0).ranks == (0,)
+
+
+def test_world_smaller_than_the_groups_runs_every_group_on_the_shared_rank():
+    cfg = load_config("smoke")
+    plan = make_plan(cfg, 1, 1)  # resume of the 2-group stage on one process
+    assert [g.name for g in plan.groups_of(0)] == ["clip_dino", "sam"]
+    with pytest.raises(ValueError, match="rank 0 computes 2 groups.*use groups_of"):
+        plan.group_of(0)
+    # one rank does both batches in turn: nobody waits, the step is the sum of both groups' times
+    assert plan.step_time_s == pytest.approx(sum(g.step_time_s for g in plan.groups))
+    assert plan.utilisation == pytest.approx(1.0)
+    assert plan.effective_batch == 4 + 1
+    # three groups on two ranks: contiguous, in config order
+    three = make_plan(stage2_with("auto", "auto", "auto"), 2, 1)
+    assert [g.ranks for g in three.groups] == [(0,), (0,), (1,)]
+
+
+# ------------------------------------------------------------------------------------------- utilisation
+
+
+def test_paper_split_of_stage2_leaves_about_30_percent_of_rank_time_idle():
+    plan = make_plan(load_config("two_stage", TWO_STAGE_GLOBAL), 64, 1)
+    assert counts(plan) == [32, 32]
+    assert plan.effective_batch == 32 * 32 + 32 * 2
+    flops = [g.step_flops for g in plan.groups]
+    assert plan.utilisation == pytest.approx(sum(32 * f for f in flops) / (64 * max(flops)), rel=1e-9)
+    assert plan.utilisation == pytest.approx(0.70, abs=0.02)
+
+
+def test_auto_plan_of_stage2_on_64_gpus_is_balanced_and_fits_in_memory():
+    paper = make_plan(load_config("two_stage"), 64, 1)
+    auto = make_plan(load_config("two_stage_auto"), 64, 1)
+    assert auto.utilisation >= 0.95
+    assert auto.utilisation > paper.utilisation + 0.2
+    assert auto.samples_per_second > 1.3 * paper.samples_per_second
+    assert sum(counts(auto)) == 64 and not auto.warnings
+    assert all(g.memory_gb <= 80 for g in auto.groups)
+    # the recipe's mix of samples is kept: SAM's share within ±25% of 64 of 1088
+    sam = auto.group("sam")
+    assert sam.expected_samples / auto.effective_batch == pytest.approx(64 / 1088, rel=0.25)
+    assert auto.group("clip_dino").batch_per_rank == 32  # not tunable in the recipe
+
+
+@pytest.mark.parametrize("world", [8, 16])
+def test_auto_plan_beats_the_half_half_split_on_small_clusters(world):
+    paper = make_plan(load_config("two_stage", TWO_STAGE_GLOBAL), world, 1)
+    auto = make_plan(load_config("two_stage_auto"), world, 1)
+    assert auto.utilisation >= 0.9 > paper.utilisation
+    assert all(g.memory_gb <= 80 for g in auto.groups)
+
+
+def test_auto_plan_switches_checkpointing_on_only_when_memory_needs_it():
+    cfg = load_config("two_stage_auto")
+    roomy = make_plan(cfg, 64, 1, memory_limit_gb=80)
+    tight = make_plan(cfg, 64, 1, memory_limit_gb=24)
+    assert not any(g.activation_checkpointing for g in roomy.groups)
+    assert tight.group("clip_dino").activation_checkpointing
+    assert all(g.memory_gb <= 24 for g in tight.groups) and not tight.warnings
+    assert tight.goodput < tight.utilisation  # the recompute is busy time but not useful work
+
+
+def test_memory_that_cannot_fit_is_reported_not_hidden():
+    plan = make_plan(load_config("two_stage"), 64, 1, memory_limit_gb=4)
+    assert any("over the 4 GB limit" in w for w in plan.warnings)
+    assert "warning:" in plan.table()
+
+
+# ------------------------------------------------------------------------------------------- sampling rate
+
+
+def test_group_active_is_deterministic_and_follows_the_rate():
+    draws = [group_active(7, 1, step, "sam", 0.3) for step in range(4000)]
+    assert draws == [group_active(7, 1, step, "sam", 0.3) for step in range(4000)]
+    assert sum(draws) / len(draws) == pytest.approx(0.3, abs=0.03)
+    assert draws != [group_active(8, 1, step, "sam", 0.3) for step in range(4000)]
+    assert draws != [group_active(7, 1, step, "clip_dino", 0.3) for step in range(4000)]
+    assert all(group_active(7, 1, step, "sam", 1.0) for step in range(100))
+
+
+def test_sampling_rate_scales_the_expected_batch_and_the_step_time():
+    cfg = stage2_with(1, 1, batches=[8, 2], rates=[0.5, 1.0])
+    plan = make_plan(cfg, 2, 1)
+    slow, fast = plan.groups
+    assert plan.effective_batch == pytest.approx(0.5 * 8 + 2)
+    # half the steps wait for the slow group, the other half only for the fast one
+    assert plan.step_time_s == pytest.approx(0.5 * slow.step_time_s + 0.5 * fast.step_time_s)
+    busy = 0.5 * slow.step_time_s + fast.step_time_s
+    assert plan.utilisation == pytest.approx(busy / (2 * plan.step_time_s))
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def test_table_and_dict_describe_every_group():
+    plan = make_plan(load_config("two_stage_auto"), 64, 1)
+    text = plan.table()
+    for g in plan.groups:
+        assert g.name in text and f"{g.ranks[0]}-{g.ranks[-1]}" in text
+    assert f"utilisation {plan.utilisation:.3f}" in text
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert sum(g["num_ranks"] for g in d["groups"]) == 64
+    assert d["effective_batch"] == plan.effective_batch
+    assert d["groups"][1]["teacher_sharding"] == {"sam": "fsdp"}
+
+
+# ------------------------------------------------------------------------------------------- process groups
+
+
+def test_build_process_groups_needs_torch_distributed():
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        make_plan(load_config("smoke"), 2, 1).build_process_groups()
+
+
+def _subgroup_worker(rank, world, port, plans, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = {}
+        for plan in plans:
+            mine = plan.build_process_groups()
+            (name, pg), = mine.items()
+            x = torch.tensor([float(rank + 1)])
+            dist.all_reduce(x, group=pg)
+            result[plan.stage_name] = [name, x.item()]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_build_process_groups_gives_each_rank_a_working_subgroup_of_its_group(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    cfg = load_config("smoke")
+    plans = [make_plan(cfg, 2, 0), make_plan(cfg, 2, 1)]  # a plan is plain data: the ranks receive it pickled
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_subgroup_worker, args=(2, port, plans, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    start = time.time()
+    while not ctx.join(timeout=5):
+        if time.time() - start > 120:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process subgroup test did not finish in 120 s")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # stage 1: one group on both ranks sums 1 + 2; stage 2: each rank alone in its group
+    assert got[0]["stage1"] == got[1]["stage1"] == ["clip_dino", 3.0]
+    assert got[0]["stage2"] == ["clip_dino", 1.0] and got[1]["stage2"] == ["sam", 2.0]
+
+
+def test_planner_benchmark_rewrites_only_its_own_section_of_the_benchmarks_doc(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "planner_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "planner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Data loader\n\nfast\n\n## Planner utilisation\n\nold numbers\n\n## Later\n\nkept\n")
+    bench.write_section("## Planner utilisation\n\nnew numbers\n", doc)
+    bench.write_section("## Planner utilisation\n\nnewer numbers\n", doc)
+    text = doc.read_text()
+    assert "old numbers" not in text and "new numbers" not in text and text.count("newer numbers") == 1
+    assert "## Data loader\n\nfast" in text and "## Later\n\nkept" in text
+    fresh = tmp_path / "fresh.md"
+    bench.write_section("## Planner utilisation\n\nx\n", fresh)
+    assert fresh.read_text().startswith("# Benchmarks\n\n## Planner utilisation")
