@@ -20,7 +20,7 @@ from radio_scale.config import RunConfig, config_to_dict, config_to_yaml, flatte
 from radio_scale.distributed.env import DistEnv
 from radio_scale.distributed.parallel import shard_student
 from radio_scale.distributed.plan import group_active
-from radio_scale.losses import UncertaintyBalancer, build_balancer, spatial_loss, summary_loss, term_weights
+from radio_scale.losses import build_balancer, spatial_loss, summary_loss, term_weights
 from radio_scale.models import AdaptorHeads, build_student
 from radio_scale.monitoring.heartbeat import Heartbeat
 from radio_scale.monitoring.nan_guard import NanGuard
@@ -402,16 +402,11 @@ class Trainer:
 
 
 def loss_weights(balancer) -> tuple[dict, torch.Tensor]:
-    """Each term's weight as it enters the loss (differentiable for learned weights) and the balancer's regulariser.
+    """Each term's weight as it enters the loss (differentiable for learned weights), and the regulariser.
 
-    The trainer sums weight x (partial term) over ranks and micro-steps, so a regulariser must be added once
-    per step, not once per call: hence weights and regulariser separately.
+    The trainer sums weight x partial term over ranks and micro-steps and adds the regulariser once per step.
     """
-    if isinstance(balancer, UncertaintyBalancer):
-        w = balancer.prior * torch.exp(-balancer.log_vars)
-        reg = (balancer.prior * balancer.log_vars).sum()
-    else:
-        w, reg = balancer.effective_weights(), torch.zeros(())
+    w, reg = balancer.weighting()
     return {n: w[i] for i, n in enumerate(balancer.names)}, reg
 
 
