@@ -20,7 +20,7 @@ def test_two_stage_is_the_papers_recipe():
     cfg = load_config("two_stage")
     assert cfg.student.arch == "vit_h16" and cfg.optim.lr == 1e-3 and cfg.total_steps == 600_000
     s1, s2 = cfg.stages
-    assert [g.resolution for g in s1.groups] == [256] and s1.groups[0].batch_per_rank * s1.groups[0].ranks == 1024
+    assert [g.resolution for g in s1.groups] == [256] and (s1.groups[0].batch_per_rank, s1.groups[0].ranks) == (16, 1.0)
     clip, sam = s2.groups
     assert (clip.resolution, clip.batch_per_rank, sam.resolution, sam.batch_per_rank) == (432, 32, 1024, 2)
     assert set(clip.teachers) == {"dfn_clip", "openai_clip", "dinov2"} and sam.teachers == ("sam",)

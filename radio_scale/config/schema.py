@@ -122,6 +122,8 @@ class MonitorConfig:
     nan_rollback_after: int = 3
     collective_timeout_s: float = 600.0
     max_requeues: int = 20
+    # Fault drills: make the loss non-finite on these steps (each once, so a rollback does not re-trigger it).
+    inject_nan_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def build_stage(cfg: RunConfig, env: DistEnv, index: int, data_positions: Option
             tc = cfg.teacher(name)
             t = build_teacher(tc, device=env.device)
             pg = pgs.get(g.name)
-            rt.teachers[name] = shard_teacher(t, tc.sharding, pg, env.device, cfg.precision)
+            mode = g.teacher_sharding.get(name, tc.sharding)  # the plan resolved "auto" by size
+            rt.teachers[name] = shard_teacher(t, mode, pg, env.device, cfg.precision)
     data_positions = data_positions or {}
     for g in mine:
         views = [teacher_view(rt.teachers[n]) for n in g.teachers]

@@ -24,6 +24,7 @@ from radio_scale.losses import build_balancer, spatial_loss, summary_loss, term_
 from radio_scale.models import AdaptorHeads, build_student
 from radio_scale.monitoring.heartbeat import Heartbeat
 from radio_scale.monitoring.nan_guard import NanGuard
+from radio_scale.monitoring.progress import StepProgress
 from radio_scale.monitoring.rundir import METRICS, append_event, append_jsonl, atomic_write_json, read_jsonl
 from radio_scale.monitoring.tracking import Tracker
 from radio_scale.monitoring.watchdog import Watchdog
@@ -106,6 +107,8 @@ class Trainer:
         self.watchdog: Optional[Watchdog] = None
         self.stall_s: list[float] = []
         self._logged_until = 0
+        self.compute_s = 0.0
+        self._injected: set[int] = set()
 
     # ------------------------------------------------------------------ state
     def _seed_rank_rng(self) -> None:
@@ -207,6 +210,7 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, batches: Optional[dict] = None, apply: bool = True) -> StepStats:
         """One optimisation step: views → teachers → student → heads → losses → backward → clip → AdamW."""
+        t_start = time.perf_counter()
         rt, cfg, dev, world = self.stage, self.cfg, self.device, self.env.world_size
         window = self.window_size(self.step)
         active = {g.name: group_active(cfg.seed, rt.index, self.step, g.name, g.sampling_rate) for g in rt.plan.groups}
@@ -245,9 +249,14 @@ class Trainer:
                     sums[len(self.terms) + j] += v.numel()
                     # global per-sample mean: this rank's sum over the global sample count
                     loss = loss + weights[k] * v.sum() / n_global
+            if self.step + 1 in cfg.monitor.inject_nan_steps and self.step + 1 not in self._injected:
+                loss = loss * float("nan")  # fault drill (monitor.inject_nan_steps)
             # balancer parameters (uncertainty) get a gradient on every rank; the regulariser counts once
             loss = loss + 0.0 * sum(w.sum() for w in weights.values()) + regularizer * float(i == 0 and self.env.is_main)
             (loss * world).backward()  # FSDP averages gradients over ranks; undo it to get the global sum
+        self.compute_s = time.perf_counter() - t_start  # this rank's own work, before it waits for the others
+        if self.step + 1 in cfg.monitor.inject_nan_steps:
+            self._injected.add(self.step + 1)
         return self._finish_step(sums, n_global, window, apply)
 
     def _finish_step(self, sums: torch.Tensor, n_global: int, window: int, apply: bool) -> StepStats:
@@ -306,7 +315,10 @@ class Trainer:
                 if not resumed:
                     self.tracker.log_params(flatten(config_to_dict(cfg)))
                 self.tracker.set_tags({"recipe": cfg.name, "world_size": env.world_size})
+                if cfg.tracking.system_metrics:
+                    self.tracker.system_metrics(every_s=30.0)
             total = cfg.total_steps
+            progress = StepProgress(total, initial=self.step, rank=env.rank, desc=cfg.name)
             self.watchdog.phase("train")
             while self.step < total:
                 index = stage_at(cfg, self.step)
@@ -322,11 +334,13 @@ class Trainer:
                     self._rollback()
                     continue
                 if action == "skip" and env.is_main:
-                    append_event(self.run_dir, "nan_skip", 0, f"non-finite loss at step {self.step}: step skipped",
-                                 step=self.step)
+                    append_event(self.run_dir, "nan_skip", 0, f"non-finite loss at step {self.step + 1}: step skipped",
+                                 step=self.step + 1)
                 self.step += 1
                 self.watchdog.progress()
-                self.heartbeat.beat(step=self.step, stage=index, loss=stats.loss, step_time=dt, phase="train")
+                self.heartbeat.beat(step=self.step, stage=index, loss=stats.loss, step_time=self.compute_s, phase="train",
+                                    group="+".join(g.name for g in self.stage.groups) or "-", wall_time=dt)
+                progress.update(self.step, loss=f"{stats.loss:.4f}", stage=index)
                 self._log(stats, dt, index)
                 if on_step:
                     on_step(self, stats)
@@ -337,7 +351,8 @@ class Trainer:
                     if env.is_main:
                         append_event(self.run_dir, "preempt", 0, f"preempted: saved step {self.step}", step=self.step)
                     return "preempted"
-                if self.step % cfg.checkpoint.every == 0 or stage_end:
+                in_streak = action == "skip"  # never checkpoint mid non-finite streak: rollbacks need a good state
+                if (self.step % cfg.checkpoint.every == 0 and not in_streak) or stage_end:
                     self.save(block=stage_end and self.step == total)
             self.checkpointer.wait()
             self.watchdog.phase("checkpoint")
@@ -350,6 +365,8 @@ class Trainer:
                 self.tracker.end("FINISHED")
             return "finished"
         finally:
+            if "progress" in locals():
+                progress.close()
             self.checkpointer.close()
             self.preemption.uninstall()
             if self.watchdog:
@@ -365,6 +382,7 @@ class Trainer:
 
     def _rollback(self) -> None:
         """K non-finite steps in a row: restore the last complete checkpoint, keep the data streams moving."""
+        self.checkpointer.wait()
         path = latest_complete(self.checkpointer.root) if self.env.is_main else None
         path = _broadcast_object(path)
         if path is None:
@@ -397,6 +415,7 @@ class Trainer:
 
             rec["memory/rss_gb"] = psutil.Process().memory_info().rss / 2**30
         append_jsonl(self.run_dir / METRICS, rec)
+        self._logged_until = self.step
         if self.step % self.cfg.tracking.log_every == 0 or self.step == self.cfg.total_steps:
             self.tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step", "time")}, step=self.step)
 
