@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     (run_dir / "plan.json").write_text(json.dumps(
         {"world_size": world, "cluster": cluster.name, "stages": [
             {"name": s.name, "steps": s.steps, **p.to_dict()} for s, p in zip(cfg.stages, plans)]}, indent=1, default=str))
+    (run_dir / "launch.json").write_text(json.dumps({
+        "cluster": cluster.name, "kind": cluster.kind, "nodes": args.nodes, "world_size": world,
+        "git_revision": git_revision(), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=1))
     mlflow_at = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     if cluster.kind == "slurm":
         from radio_scale.launchers.slurm import submit
@@ -100,6 +103,22 @@ def main(argv=None) -> int:
         print(f"ranks exited with code {code}; run the same command again to resume from the newest checkpoint",
               file=sys.stderr)
     return code
+
+
+def git_revision() -> str:
+    """The source revision being launched (commit, '+dirty' if modified), or 'unknown' outside a checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _print_where(run_dir: Path, mlflow_at: str) -> None:

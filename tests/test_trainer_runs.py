@@ -1,6 +1,8 @@
 """Whole runs with real processes: two stages, two groups, checkpoints, kill -9 + resume, resume at another world size."""
+import json
 import os
 import shutil
+import sys
 import signal
 import subprocess
 
@@ -47,7 +49,13 @@ def test_kill_9_of_one_rank_then_relaunch_is_bit_identical(uninterrupted, tmp_pa
     proc = subprocess.Popen(launch_cmd(run_dir, FAST), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
     try:
         hb = wait_for(lambda: (h := heartbeat(run_dir, 1)) and h.get("step", 0) >= 5 and h, 300, "rank 1 at step 5")
+        live = subprocess.run([sys.executable, "-m", "radio_scale.monitoring.cli", "status", str(run_dir), "--json"],
+                              capture_output=True, text=True, timeout=120)
         os.kill(hb["pid"], signal.SIGKILL)
+        assert live.returncode == 0, live.stderr
+        status = json.loads(live.stdout)
+        assert status["state"] == "running" and status["total_steps"] == 8 and status["step"] >= 4
+        assert {r["rank"] for r in status["ranks"]} == {0, 1} and status["last_checkpoint"]["step"] >= 2
         code = proc.wait(timeout=180)  # the surviving rank must not hang: torchrun stops it
     finally:
         if proc.poll() is None:

@@ -1,6 +1,7 @@
 """The distillation trainer: one Stateful object, one step function you can read top to bottom."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -19,7 +20,7 @@ from torch import nn
 from radio_scale.config import RunConfig, config_to_dict, config_to_yaml, flatten
 from radio_scale.distributed.env import DistEnv
 from radio_scale.distributed.parallel import shard_student
-from radio_scale.distributed.plan import group_active
+from radio_scale.distributed.plan import group_active, make_plan
 from radio_scale.losses import build_balancer, spatial_loss, summary_loss, term_weights
 from radio_scale.models import AdaptorHeads, build_student
 from radio_scale.monitoring.heartbeat import Heartbeat
@@ -314,7 +315,7 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
                 if not resumed:
                     self.tracker.log_params(flatten(config_to_dict(cfg)))
-                self.tracker.set_tags({"recipe": cfg.name, "world_size": env.world_size})
+                self.tracker.set_tags(self._run_tags())
                 if cfg.tracking.system_metrics:
                     self.tracker.system_metrics(every_s=30.0)
             total = cfg.total_steps
@@ -358,9 +359,7 @@ class Trainer:
             self.watchdog.phase("checkpoint")
             export_dir = export_student(self.model, cfg, self.specs, self.run_dir / "export", is_main=env.is_main)
             if env.is_main:
-                self.tracker.log_artifact(self.run_dir / "config.yaml")
-                if export_dir is not None:
-                    self.tracker.log_artifact(export_dir / "config.yaml")
+                self._log_final_artifacts(export_dir)
                 append_event(self.run_dir, "finished", 0, f"finished {self.step} steps", step=self.step)
                 self.tracker.end("FINISHED")
             return "finished"
@@ -373,6 +372,35 @@ class Trainer:
                 self.watchdog.stop()
             if self.stage is not None:
                 self.stage.close()
+
+    def _run_tags(self) -> dict:
+        """MLflow tags: recipe, cluster, world size, plan summary, git revision (from the launcher's launch.json)."""
+        launch = json.loads((self.run_dir / "launch.json").read_text()) if (self.run_dir / "launch.json").is_file() else {}
+        plans = []
+        for i in range(len(self.cfg.stages)):
+            plan = make_plan(self.cfg, self.env.world_size, i)
+            groups = ", ".join(f"{g.name} {g.num_ranks}x{g.batch_per_rank}@{g.resolution}" for g in plan.groups)
+            plans.append(f"{plan.stage_name}: {groups} (util {plan.utilisation:.2f})")
+        return {"recipe": self.cfg.name, "world_size": self.env.world_size, "cluster": launch.get("cluster", "?"),
+                "git_revision": launch.get("git_revision", "unknown"), "plan": " | ".join(plans)}
+
+    def _log_final_artifacts(self, export_dir: Optional[Path]) -> None:
+        """Resolved config, plans, loss curves and (if small) the export, as MLflow artifacts."""
+        for name in ("config.yaml", "plan.json", "launch.json", *(f"plan_stage{i}.json" for i in range(len(self.cfg.stages)))):
+            if (self.run_dir / name).is_file():
+                self.tracker.log_artifact(self.run_dir / name)
+        try:
+            from radio_scale.eval.pictures import plot_loss_curves
+
+            self.tracker.log_artifact(plot_loss_curves(self.run_dir / METRICS, self.run_dir / "loss_curves.png"))
+        except Exception as e:  # a missing picture must not fail a finished run
+            log.warning("loss curves not plotted: %s", e)
+        if export_dir is not None:
+            size = sum(p.stat().st_size for p in export_dir.iterdir())
+            if size <= 200 * 2**20:
+                self.tracker.log_artifact(export_dir, "export")
+            else:
+                self.tracker.log_artifact(export_dir / "config.yaml", "export")
 
     def _last_logged_step(self) -> int:
         """The newest step already in metrics.jsonl (a resumed run replays steps after its checkpoint)."""
