@@ -242,6 +242,9 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False) -> None:
         raise ConfigError(
             f"{src}: key 'student.arch' is '{cfg.student.arch}', known: {', '.join(STUDENT_PRESETS)}"
         )
+    if cfg.distributed_backend != "fsdp2":
+        raise ConfigError(f"{src}: key 'distributed_backend' is '{cfg.distributed_backend}': only 'fsdp2' is "
+                          "implemented in this version")
     patch = student_patch_size(cfg)
     names = [t.name for t in cfg.teachers]
     if not names:
