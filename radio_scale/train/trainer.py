@@ -345,6 +345,8 @@ class Trainer:
                 self._log(stats, dt, index)
                 if on_step:
                     on_step(self, stats)
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self._periodic_eval()
                 self.checkpointer.poll()
                 stage_end = self.step == stage_bounds(cfg)[index][1]
                 if stats.preempt:
@@ -372,6 +374,24 @@ class Trainer:
                 self.watchdog.stop()
             if self.stage is not None:
                 self.stage.close()
+
+    def _periodic_eval(self) -> None:
+        """k-NN + teacher fidelity on held-out sets (every rank: the student is sharded), logged by rank 0."""
+        from radio_scale.eval.report import run_periodic_eval
+
+        self.watchdog.phase("checkpoint")  # evaluation takes longer than a step: use the long timeout
+        unshard = getattr(self.model, "unshard", None)  # FSDP2 root: gather the root's parameters for direct calls
+        if unshard is not None:
+            unshard()
+        try:
+            results = run_periodic_eval(self.model.student, self.model.heads, self.stage.teachers, self.cfg,
+                                        self.step, tracker=self.tracker)
+        finally:
+            if unshard is not None:
+                self.model.reshard()
+            self.watchdog.phase("train")
+        if self.env.is_main:
+            append_jsonl(self.run_dir / "eval.jsonl", {"step": self.step, **results})
 
     def _run_tags(self) -> dict:
         """MLflow tags: recipe, cluster, world size, plan summary, git revision (from the launcher's launch.json)."""
