@@ -60,23 +60,39 @@ class SlurmRankJob:
         if self.threads:
             os.environ["RADIO_THREADS_PER_RANK"] = str(self.threads)
         cfg = load_config(self.config_path, check_files=True)
-        status = run_rank(cfg, Path(self.run_dir), on_preempted=self._requeue)
+        try:
+            status = run_rank(cfg, Path(self.run_dir), on_preempted=lambda: self._requeue("preempted"),
+                              on_hang=lambda report: self._requeue(f"rank {report['rank']} hung"))
+        except Exception as e:  # a crash anywhere reaches rank 0 as a collective error: it requeues (bounded)
+            if os.environ.get("SLURM_PROCID", "0") == "0":
+                self._requeue(f"failed: {type(e).__name__}: {e}"[:300])
+            raise
         if status == "preempted":
             sys.exit(-1)  # like submitit's own handler: no result file, the requeued job continues the run
         return status
 
-    def _requeue(self) -> bool:
-        """Rank 0, after the preemption checkpoint: requeue this job unless the budget is spent."""
+    def _requeue(self, reason: str) -> bool:
+        """Requeue this job (after a preemption checkpoint, a hang or a crash) unless the budget is spent.
+
+        After a hang several ranks may ask at once: the first `scontrol requeue` wins, the others fail
+        harmlessly because the job is no longer running.
+        """
         from radio_scale.monitoring.rundir import append_event, record_requeue
 
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
         done = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if job_id is None or done >= self.max_requeues:
-            append_event(self.run_dir, "failed", 0, f"preempted, not requeued ({done} of {self.max_requeues} requeues used)")
+            append_event(self.run_dir, "failed", rank, f"{reason}; not requeued ({done} of {self.max_requeues} used)")
             return False
-        count = record_requeue(self.run_dir, "preempted", job_id=job_id)
-        append_event(self.run_dir, "requeue", 0, f"requeue {count} of job {job_id}", job_id=job_id, count=count)
-        subprocess.check_call(["scontrol", "requeue", job_id], timeout=60)
+        count = record_requeue(self.run_dir, reason, job_id=job_id)
+        append_event(self.run_dir, "requeue", rank, f"requeue {count} of job {job_id}: {reason}", job_id=job_id,
+                     count=count)
+        try:
+            subprocess.check_call(["scontrol", "requeue", job_id], timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            append_event(self.run_dir, "failed", rank, f"scontrol requeue {job_id} failed: {e}")
+            return False
         return True
 
     def checkpoint(self):

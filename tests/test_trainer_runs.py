@@ -1,8 +1,6 @@
 """Whole runs with real processes: two stages, two groups, checkpoints, kill -9 + resume, resume at another world size."""
-import json
 import os
 import shutil
-import sys
 import signal
 import subprocess
 
@@ -12,6 +10,7 @@ from safetensors.torch import load_file
 
 from launch_helpers import (FAST, events, heartbeat, launch_cmd, metrics, one_node_cluster, run_launch, child_env,
                             wait_for)
+from radio_scale.monitoring.status import collect_status
 from radio_scale.train.checkpoint import COMPLETE, latest_complete, list_complete
 
 
@@ -19,7 +18,7 @@ from radio_scale.train.checkpoint import COMPLETE, latest_complete, list_complet
 def uninterrupted(tmp_path_factory):
     """One uninterrupted 2-rank run of the (shortened) smoke recipe, shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    r = run_launch(run_dir, FAST)
+    r = run_launch(run_dir, [*FAST, "eval.every=8"])  # one in-training evaluation, after the last step
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return run_dir
 
@@ -40,6 +39,19 @@ def test_two_stage_two_group_run_completes_with_every_step_logged(uninterrupted)
         "step_000000002", "step_000000004", "step_000000006", "step_000000008"]
 
 
+def test_in_training_evaluation_runs_on_all_ranks_and_covers_every_teacher(uninterrupted):
+    import json
+
+    records = [json.loads(line) for line in (uninterrupted / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [8]
+    rec = records[0]
+    # k-NN for every summary head; fidelity gathered from both ranks (SAM lives on rank 1 only in stage 2)
+    assert {"eval/knn/digits/clip/top1", "eval/knn/digits/dino/top1", "eval/knn/digits/effnet/top1"} <= rec.keys()
+    assert 0.0 <= rec["eval/knn/digits/effnet/top1"] <= 1.0
+    for t in ("clip", "dino", "effnet", "sam"):
+        assert -1.0 <= rec[f"eval/fidelity/{t}/spatial_cosine"] <= 1.0
+
+
 def _export(run_dir):
     return load_file(str(run_dir / "export" / "model.safetensors"))
 
@@ -49,11 +61,8 @@ def test_kill_9_of_one_rank_then_relaunch_is_bit_identical(uninterrupted, tmp_pa
     proc = subprocess.Popen(launch_cmd(run_dir, FAST), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
     try:
         hb = wait_for(lambda: (h := heartbeat(run_dir, 1)) and h.get("step", 0) >= 5 and h, 300, "rank 1 at step 5")
-        live = subprocess.run([sys.executable, "-m", "radio_scale.monitoring.cli", "status", str(run_dir), "--json"],
-                              capture_output=True, text=True, timeout=120)
+        status = collect_status(run_dir).to_dict()  # what `radio-monitor status --json` prints, on the live run
         os.kill(hb["pid"], signal.SIGKILL)
-        assert live.returncode == 0, live.stderr
-        status = json.loads(live.stdout)
         assert status["state"] == "running" and status["total_steps"] == 8 and status["step"] >= 4
         assert {r["rank"] for r in status["ranks"]} == {0, 1} and status["last_checkpoint"]["step"] >= 2
         code = proc.wait(timeout=180)  # the surviving rank must not hang: torchrun stops it

@@ -82,6 +82,11 @@ BUNDLED_SETS = ("digits", "lfw")
 
 
 @lru_cache(maxsize=4)
+def _all_shards(urls):
+    """No splitting across ranks or workers: every reader sees every shard."""
+    yield from urls
+
+
 def bundled_classification_set(name: str) -> ClassificationSet:
     """A labelled held-out set of radio_scale's bundled data ('digits' or 'lfw'), read from its shards."""
     import webdataset as wds
@@ -93,7 +98,9 @@ def bundled_classification_set(name: str) -> ClassificationSet:
         raise FileNotFoundError(f"bundled data has no labelled set '{name}' (have: {', '.join(BUNDLED_SETS)})")
 
     def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = wds.WebDataset(bundled_shards(f"{name}/{split}"), shardshuffle=False, empty_check=False)
+        # every rank reads the whole evaluation set (evaluation inside training runs the same passes on all ranks)
+        ds = wds.WebDataset(bundled_shards(f"{name}/{split}"), shardshuffle=False, empty_check=False,
+                            nodesplitter=_all_shards, workersplitter=_all_shards)
         ds = ds.decode("torchrgb").to_tuple("png", "cls")
         images, labels = [], []
         for img, cls in ds:

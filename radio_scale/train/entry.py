@@ -17,10 +17,11 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
 
 
-def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None) -> str:
+def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None, on_hang=None) -> str:
     """Initialise this rank's process group, train, tear down; returns 'finished' or 'preempted'.
 
     on_preempted: called on rank 0 after the preemption checkpoint, while every rank still waits (e.g. requeue).
+    on_hang: called by the watchdog of a hung rank before it exits non-zero (e.g. requeue).
     """
     import torch
 
@@ -31,7 +32,7 @@ def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None) -> str:
     env = init_distributed(timeout_s=cfg.monitor.collective_timeout_s)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        status = Trainer(cfg, env, run_dir).run()
+        status = Trainer(cfg, env, run_dir, on_hang=on_hang).run()
         if status == "preempted" and on_preempted is not None:
             if env.is_main:
                 on_preempted()

@@ -83,8 +83,9 @@ def build_model(cfg: RunConfig) -> tuple[DistillModel, list]:
 class Trainer:
     """Builds the run's model from its config and trains it; `state_dict()` holds everything a resume needs."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path):
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: Path, on_hang=None):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.on_hang = on_hang  # e.g. requeue the SLURM job before the watchdog exits the rank
         self.device = env.device
         self.model, self.specs = build_model(cfg)
         self.model.to(self.device)
@@ -303,7 +304,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         mon = cfg.monitor
         self.watchdog = Watchdog(self.run_dir, env.rank, timeouts={
-            "startup": mon.startup_timeout_s, "train": mon.hang_timeout_s, "checkpoint": mon.checkpoint_timeout_s})
+            "startup": mon.startup_timeout_s, "train": mon.hang_timeout_s, "checkpoint": mon.checkpoint_timeout_s},
+            on_hang=self.on_hang)
         self.watchdog.phase("startup")
         self.preemption.install()
         try:
@@ -318,6 +320,11 @@ class Trainer:
                 self.tracker.set_tags(self._run_tags())
                 if cfg.tracking.system_metrics:
                     self.tracker.system_metrics(every_s=30.0)
+            elif env.local_rank == 0 and cfg.tracking.system_metrics and (cfg.tracking.uri or "").startswith("http"):
+                # one sampler per node; only against a tracking server (sqlite on a shared disk locks badly)
+                self.node_tracker = Tracker(cfg.tracking.uri, self.run_dir, cfg.tracking.experiment, cfg.name)
+                self.node_tracker.start(self.run_id)
+                self.node_tracker.system_metrics(every_s=30.0)
             total = cfg.total_steps
             progress = StepProgress(total, initial=self.step, rank=env.rank, desc=cfg.name)
             self.watchdog.phase("train")
