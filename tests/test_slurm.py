@@ -49,6 +49,9 @@ def test_preempted_slurm_job_requeues_resumes_and_keeps_one_mlflow_run(tmp_path)
         wait_for(lambda: (h := heartbeat(run_dir, 0)) and h.get("step", 0) >= 3, 600, "rank 0 to reach step 3")
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         wait_for(lambda: any(e["kind"] == "requeue" for e in events(run_dir)), 300, "the requeue event")
+        # SLURM holds a requeued job ~2 minutes (BeginTime) before it may start again; waive that in the test
+        wait_for(lambda: job_state(job_id) == "PENDING", 300, "the requeued job to be pending")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
         wait_for(lambda: any(e["kind"] == "finished" for e in events(run_dir)), 900, "the requeued job to finish")
         wait_for(lambda: job_state(job_id) == "GONE", 300, "the job to leave the queue")
     finally:
