@@ -216,10 +216,10 @@ class Trainer:
         rt, cfg, dev, world = self.stage, self.cfg, self.device, self.env.world_size
         window = self.window_size(self.step)
         active = {g.name: group_active(cfg.seed, rt.index, self.step, g.name, g.sampling_rate) for g in rt.plan.groups}
-        n_global = sum(g.batch_per_rank * len(g.ranks) for g in rt.plan.groups if active[g.name])
-        n_global = max(n_global, 1)
+        n_samples = sum(g.batch_per_rank * len(g.ranks) for g in rt.plan.groups if active[g.name])
+        n_global = max(n_samples, 1)
         weights, regularizer = loss_weights(self.model.balancer)
-        sums = torch.zeros(2 * len(self.terms))  # per term: sum over samples, number of samples
+        sums = torch.zeros(2 * len(self.terms), device=dev)  # per term: sum over samples, number of samples
         for i in range(rt.micro_steps):
             g = rt.groups[i] if i < len(rt.groups) else None
             real = g is not None and active[g.name]
@@ -247,7 +247,7 @@ class Trainer:
                                                            cfg.loss.alpha, cfg.loss.beta)
                 for k, v in per_term.items():
                     j = self.terms.index(k)
-                    sums[j] += v.detach().sum().cpu()
+                    sums[j] += v.detach().sum()  # stays on the device: no sync per term
                     sums[len(self.terms) + j] += v.numel()
                     # global per-sample mean: this rank's sum over the global sample count
                     loss = loss + weights[k] * v.sum() / n_global
@@ -259,13 +259,14 @@ class Trainer:
         self.compute_s = time.perf_counter() - t_start  # this rank's own work, before it waits for the others
         if self.step + 1 in cfg.monitor.inject_nan_steps:
             self._injected.add(self.step + 1)
-        return self._finish_step(sums, n_global, window, apply)
+        return self._finish_step(sums, n_samples, window, apply)
 
-    def _finish_step(self, sums: torch.Tensor, n_global: int, window: int, apply: bool) -> StepStats:
+    def _finish_step(self, sums: torch.Tensor, n_samples: int, window: int, apply: bool) -> StepStats:
         """All-reduce the step's measurements, clip, check finiteness, and apply the optimizer step."""
+        n_global = max(n_samples, 1)
         data = self._data_counters()
         extra = torch.tensor([float(self.preemption.requested), *data.values()])
-        vec = torch.cat([sums, extra]).to(self.device)
+        vec = torch.cat([sums, extra.to(self.device)])
         if dist.is_initialized():
             dist.all_reduce(vec)
         vec = vec.cpu()
@@ -278,7 +279,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if apply and finite:
+        if apply and finite and n_samples > 0:  # no group sampled this step: nothing to learn from
             rt = self.stage
             set_lr(self.optimizer, lr_at(self.step - rt.start_step, self.cfg.stages[rt.index], self.cfg.optim))
             self.optimizer.step()
@@ -286,7 +287,7 @@ class Trainer:
                 self.model.balancer.update(terms)
         if apply:
             self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss=total, terms=terms, weights=weights, grad_norm=grad_norm, samples=int(term_n.max()),
+        return StepStats(loss=total, terms=terms, weights=weights, grad_norm=grad_norm, samples=n_samples,
                          window=window, finite=finite, preempt=bool(vec[2 * k] > 0),
                          data=dict(zip(data.keys(), (float(x) for x in vec[2 * k + 1:]))))
 
