@@ -1,0 +1,159 @@
+"""Checkpoint stall: how long a save stops the training loop, async vs blocking, as a share of the save interval.
+
+Real trainings (`radio-train`, world 1 (gloo) or --ranks 2 under torchrun) of a one-stage recipe derived from
+smoke: ViT-S/16 student (so a checkpoint is ~0.35 GB of model + AdamW state, not a toy), the tiny teachers,
+a checkpoint every N steps. Read back from the run directory: `stall_s` of the `checkpoint` events in
+events.jsonl and `step_time` from metrics.jsonl.
+
+    stall share = median stall / (N x median step time)
+
+The final save of a run is blocking by design and is left out; so is, with --skip-first, the first save
+(one-off set-up of the async writer). Runs alternate (async, blocking, async, ...) so other load hits both
+alike. Also printed: the median time of the step right after a save against the other steps (an async
+save's writer thread shares the cores with training) and the share of the interval that stall plus slower
+next step take together.
+
+    python benchmarks/checkpoint_stall.py [--arch vit_s16] [--every 3] [--steps 13] [--repeats 1] [--ranks 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from radio_scale.config import load_config
+from radio_scale.config.loader import recipe_path
+from radio_scale.monitoring.rundir import EVENTS, METRICS, read_jsonl
+
+TARGET = 0.05  # async stall share of the save interval
+
+
+def write_recipe(path: Path, arch: str, res: int, batch: int, teachers: list[str], steps: int, every: int) -> Path:
+    """The smoke recipe cut to one stage and one group, with a real-size student preset; validated, then written."""
+    raw = yaml.safe_load(recipe_path("smoke").read_text())
+    raw["name"] = f"ckpt_stall_{arch}"
+    raw["student"] = {"arch": arch, "window_sizes": [0], "cpe_grid": 32}
+    group = {**raw["stages"][0]["groups"][0], "teachers": teachers, "batch_per_rank": batch, "resolution": res}
+    raw["stages"] = [{**raw["stages"][0], "steps": steps, "groups": [group]}]
+    raw["checkpoint"] = {"every": every, "keep": 2}
+    raw["tracking"] = {"log_every": 10, "system_metrics": False}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(str(path))  # fail here, with the config's own message, rather than inside a subprocess
+    return path
+
+
+@dataclass
+class RunResult:
+    """What one training run recorded: per-save stalls and per-step times."""
+
+    mode: str
+    stalls: dict[int, float]  # step -> seconds
+    step_times: dict[int, float]  # step -> seconds (train_step only, from metrics.jsonl)
+    wall_s: float
+
+
+def run_training(recipe: Path, run_dir: Path, async_save: bool, ranks: int, total_steps: int) -> RunResult:
+    """One radio-train run in a fresh process (torchrun for ranks > 1); its stalls and step times."""
+    import time
+
+    overrides = [f"checkpoint.async_save={'true' if async_save else 'false'}"]
+    entry = ["-m", "radio_scale.train.entry", "--recipe", str(recipe), "--run-dir", str(run_dir), *overrides]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *entry]
+    else:
+        cmd = [sys.executable, *entry]
+    env = dict(os.environ)
+    if ranks > 1:
+        env.setdefault("RADIO_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 2) // ranks)))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"training run in {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    events = [e for e in read_jsonl(run_dir / EVENTS) if e.get("kind") == "checkpoint"]
+    stalls = {int(e["step"]): float(e["stall_s"]) for e in events if int(e["step"]) != total_steps}
+    steps = {int(m["step"]): float(m["step_time"]) for m in read_jsonl(run_dir / METRICS)}
+    return RunResult("async" if async_save else "blocking", stalls, steps, wall)
+
+
+def summarise(results: list[RunResult], every: int, skip_first: bool) -> dict[str, float]:
+    """Median stall, median step time and their ratio over the runs of one mode."""
+    stalls, steps, after, others = [], [], [], []
+    for r in results:
+        saves = sorted(r.stalls)[1:] if skip_first else sorted(r.stalls)
+        stalls += [r.stalls[s] for s in saves]
+        steps += [t for s, t in r.step_times.items() if s > 1]  # step 1 is warm-up
+        after += [r.step_times[s + 1] for s in saves if s + 1 in r.step_times]
+        others += [t for s, t in r.step_times.items() if s > 1 and s - 1 not in r.stalls]
+    stall, step = statistics.median(stalls), statistics.median(steps)
+    return {"saves": len(stalls), "stall_s": stall, "stall_max_s": max(stalls), "step_s": step,
+            "share": stall / (every * step), "after_save_step_s": statistics.median(after) if after else float("nan"),
+            "other_step_s": statistics.median(others), "wall_s": statistics.median(r.wall_s for r in results)}
+
+
+def checkpoint_size_gb(run_dir: Path) -> float:
+    """Size on disk of the newest checkpoint of a run."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) / 1e9 if ckpts else 0.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="vit_s16", help="student preset")
+    ap.add_argument("--res", type=int, default=128, help="student resolution (px)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--teachers", default="clip,dino,effnet", help="smoke teachers of the one group")
+    ap.add_argument("--every", type=int, default=3, help="checkpoint every N steps")
+    ap.add_argument("--steps", type=int, default=13, help="steps per run (the final, blocking save is left out)")
+    ap.add_argument("--repeats", type=int, default=1, help="(async, blocking) pairs of runs")
+    ap.add_argument("--ranks", type=int, default=1, help="ranks per run (>1: torchrun, gloo)")
+    ap.add_argument("--skip-first", action="store_true", help="leave out each run's first save")
+    ap.add_argument("--json", default=None, help="also write the summary to this file")
+    args = ap.parse_args(argv)
+
+    load_before = os.getloadavg()[0]
+    results: dict[str, list[RunResult]] = {"async": [], "blocking": []}
+    with tempfile.TemporaryDirectory(prefix="ckpt_stall_") as tmp:
+        recipe = write_recipe(Path(tmp) / "recipe.yaml", args.arch, args.res, args.batch,
+                              [t for t in args.teachers.split(",") if t], args.steps, args.every)
+        size = 0.0
+        for rep in range(args.repeats):
+            for async_save in (True, False):  # alternate, so load changes hit both modes
+                run_dir = Path(tmp) / f"{'async' if async_save else 'blocking'}_{rep}"
+                r = run_training(recipe, run_dir, async_save, args.ranks, args.steps)
+                size = size or checkpoint_size_gb(run_dir)
+                results[r.mode].append(r)
+                print(f"run {rep} {r.mode:8s}: {r.wall_s:5.0f} s; stalls "
+                      + ", ".join(f"step {s}: {v:.3f} s" for s, v in sorted(r.stalls.items())), flush=True)
+    summary = {mode: summarise(rs, args.every, args.skip_first) for mode, rs in results.items()}
+
+    print(f"\nstudent {args.arch} @{args.res}px, batch {args.batch}, {args.ranks} rank(s), checkpoint every "
+          f"{args.every} steps, {size:.2f} GB per checkpoint; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after\n")
+    print("| save mode | saves | median stall s (max) | median step s | stall / (N x step) | step after a save s "
+          "| other steps s | stall + slower next step, share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, s in summary.items():
+        cost = s["stall_s"] + s["after_save_step_s"] - s["other_step_s"]
+        print(f"| {mode} | {s['saves']} | {s['stall_s']:.3f} ({s['stall_max_s']:.3f}) | {s['step_s']:.3f} | "
+              f"{100 * s['share']:.1f} % | {s['after_save_step_s']:.3f} | {s['other_step_s']:.3f} | "
+              f"{100 * cost / (args.every * s['step_s']):.1f} % |")
+    a, b = summary["async"], summary["blocking"]
+    print(f"\nasync stall share {100 * a['share']:.1f} % (target <= {100 * TARGET:.0f} %: "
+          f"{'OK' if a['share'] <= TARGET else 'ABOVE TARGET'}); async / blocking stall "
+          f"{a['stall_s'] / b['stall_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "gb": size, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

