@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from radio_scale.eval.datasets import classification_set
-from radio_scale.eval.encoders import teacher_output
-from radio_scale.eval.fidelity import mean_of, teacher_fidelity
+from radio_scale.eval.encoders import student_forward, teacher_output
+from radio_scale.eval.fidelity import teacher_fidelity
+from radio_scale.eval.knn import knn_classify
 from radio_scale.eval.report import eval_resolution
-from radio_scale.eval.suite import build_eval_teacher, fidelity_task, knn_task
+from radio_scale.eval.suite import build_eval_teacher
 
 RECIPE = "distill_effnet"
 TEACHER = "effnet"
@@ -55,29 +56,30 @@ def launch(run_dir: Path, overrides: list[str], ranks: int = 2, timeout: Optiona
 
 
 @torch.no_grad()
-def mean_direction(teacher, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean L2-normalised teacher summary [Cs] and spatial map [C, h, w] over `images` (the constant predictor)."""
-    summary, spatial, n = 0.0, 0.0, 0
-    for i in range(0, len(images), batch_size):
-        out = teacher_output(teacher, images[i:i + batch_size])
-        summary = summary + F.normalize(out.summary.float(), dim=1).sum(0)
-        spatial = spatial + F.normalize(out.spatial.float(), dim=1).sum(0)
-        n += len(out.summary)
-    return summary / n, spatial / n
+def teacher_features(teacher, images: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's (summary [N, Cs], spatial [N, C, h, w]) on 0..1 images, through its own view."""
+    outs = [teacher_output(teacher, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat([o.summary for o in outs]).float(), torch.cat([o.spatial for o in outs]).float()
 
 
 @torch.no_grad()
-def constant_fidelity(teacher, constant: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor,
-                      batch_size: int = 64) -> dict[str, float]:
-    """Summary/spatial cosine and MSE to the teacher of a constant (summary, spatial) prediction on `images`."""
-    records, sizes = [], []
-    for i in range(0, len(images), batch_size):
-        out = teacher_output(teacher, images[i:i + batch_size])
-        b = len(out.summary)
-        records.append(teacher_fidelity(constant[0].expand(b, -1), constant[1].expand(b, -1, -1, -1),
-                                        out.summary, out.spatial))
-        sizes.append(b)
-    return mean_of(records, sizes)
+def student_features(student, heads, images: torch.Tensor, resolution: int, batch_size: int = 128
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's effnet head (summary [N, Cs], spatial [N, C, h, w]) on 0..1 images shown at `resolution`."""
+    outs = [student_forward(student, heads, images[i:i + batch_size], resolution, names=[TEACHER])[1][TEACHER]
+            for i in range(0, len(images), batch_size)]
+    return torch.cat([o.summary for o in outs]).float(), torch.cat([o.spatial for o in outs]).float()
+
+
+def mean_direction(features: torch.Tensor) -> torch.Tensor:
+    """Mean of the L2-normalised features [N, C, ...] over N: the constant with the highest mean cosine to them."""
+    return F.normalize(features, dim=1).mean(0)
+
+
+def fidelity(pred: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Summary and spatial cosine/MSE of predictions against teacher features (radio_scale.eval.fidelity)."""
+    n = len(target[0])
+    return teacher_fidelity(pred[0].expand(n, -1), pred[1].expand(n, -1, -1, -1), *target)
 
 
 def evaluate(model_dir: Path, sets=SETS, resolution: Optional[int] = None) -> dict[str, dict[str, float]]:
@@ -88,20 +90,24 @@ def evaluate(model_dir: Path, sets=SETS, resolution: Optional[int] = None) -> di
     student, heads, cfg = load_student(model_dir)
     res = resolution or eval_resolution(cfg)
     teacher = build_eval_teacher(cfg, TEACHER)
+    k, T = cfg.eval.knn_k, cfg.eval.knn_temperature
     results: dict[str, dict[str, float]] = {}
     for name in sets:
         data = classification_set(name)
-        knn = knn_task(student, heads, data, res, TEACHER, [teacher], k=cfg.eval.knn_k, T=cfg.eval.knn_temperature)
-        stu = knn[f"student/head/{TEACHER}"]
-        tea = knn[f"teacher/{TEACHER}"]
-        fid = fidelity_task(student, heads, [teacher], data.test_images, res)[TEACHER]
-        const = constant_fidelity(teacher, mean_direction(teacher, data.train_images), data.test_images)
+        # each model sees each image once; k-NN, fidelity and the constant predictor share those features
+        t_train, t_val = teacher_features(teacher, data.train_images), teacher_features(teacher, data.test_images)
+        s_train = student_features(student, heads, data.train_images, res)
+        s_val = student_features(student, heads, data.test_images, res)
+        knn_t = knn_classify(t_train[0], data.train_labels, t_val[0], data.test_labels, k, T, data.num_classes)
+        knn_s = knn_classify(s_train[0], data.train_labels, s_val[0], data.test_labels, k, T, data.num_classes)
+        fid_s = fidelity(s_val, t_val)
+        fid_c = fidelity((mean_direction(t_train[0]), mean_direction(t_train[1])), t_val)
         results[name] = {
-            "teacher_top1": tea["top1"], "teacher_top5": tea["top5"],
-            "student_top1": stu["top1"], "student_top5": stu["top5"],
-            "top1_ratio": stu["top1"] / tea["top1"] if tea["top1"] > 0 else float("nan"),
-            "student_summary_cos": fid["summary_cosine"], "constant_summary_cos": const["summary_cosine"],
-            "student_spatial_cos": fid["spatial_cosine"], "constant_spatial_cos": const["spatial_cosine"],
+            "teacher_top1": knn_t["top1"], "teacher_top5": knn_t["top5"],
+            "student_top1": knn_s["top1"], "student_top5": knn_s["top5"],
+            "top1_ratio": knn_s["top1"] / knn_t["top1"] if knn_t["top1"] > 0 else float("nan"),
+            "student_summary_cos": fid_s["summary_cosine"], "constant_summary_cos": fid_c["summary_cosine"],
+            "student_spatial_cos": fid_s["spatial_cosine"], "constant_spatial_cos": fid_c["spatial_cosine"],
         }
     return results
 
