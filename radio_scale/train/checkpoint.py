@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-COMPLETE = ".complete"
+from radio_scale.monitoring.rundir import CHECKPOINT_COMPLETE as COMPLETE  # one definition of "complete"
+
 TMP_PREFIX = ".tmp-"
 
 

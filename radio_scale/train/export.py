@@ -1,4 +1,7 @@
-"""Export a consolidated student + heads (safetensors + resolved config) for inference and evaluation."""
+"""Export a consolidated student + heads (safetensors + resolved config) for inference and evaluation.
+
+Read it back with `radio_scale.eval.loading.load_student` (also reads checkpoints and run directories).
+"""
 from __future__ import annotations
 
 import json
@@ -9,13 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from radio_scale.config import RunConfig, config_from_dict, config_to_yaml
-
-import yaml
+from radio_scale.config import RunConfig, config_to_yaml
 
 
 def export_student(model: nn.Module, cfg: RunConfig, specs, out_dir: Path, is_main: bool) -> Optional[Path]:
@@ -43,21 +44,3 @@ def _spec_dict(spec) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
     except TypeError:
         return dict(vars(spec))
-
-
-def load_export(path: Path, device: str = "cpu"):
-    """An exported directory -> (student, heads, cfg) in eval mode."""
-    from radio_scale.models import AdaptorHeads, build_student
-    from radio_scale.teachers.spec import teacher_spec
-
-    path = Path(path)
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors (expected a radio_scale export directory)")
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), src=str(path / "config.yaml"))
-    specs = [teacher_spec(t) for t in cfg.teachers]
-    student = build_student(cfg.student, [s.name for s in specs if s.has_summary])
-    heads = AdaptorHeads(student.embed_dim, specs)
-    state = load_file(str(path / "model.safetensors"), device=device)
-    student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
-    heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
-    return student.to(device).eval(), heads.to(device).eval(), cfg
