@@ -281,6 +281,7 @@ def test_bad_loader_arguments_fail_at_build_time_with_one_line(train_shards):
     for kwargs, needle in [
         (dict(batch_size=0), "batch_size"),
         (dict(crop_scale=(0.5, 1.5)), "crop_scale"),
+        (dict(shards_per_chunk=0), "data.shards_per_chunk"),
         (dict(rank=2, world_size=2), "rank 2"),
         (dict(teacher_views=[ViewSpec("student", 32)]), "student"),
     ]:

@@ -90,6 +90,8 @@ class DataConfig:
     image_key: str = "jpg;jpeg;png;webp"
     label_key: str = "cls"
     shuffle_buffer: int = 1000
+    # shards read together per chunk; a buffer at least as large as a chunk mixes their samples uniformly
+    shards_per_chunk: int = 4
     num_workers: int = 2
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333)

@@ -225,7 +225,7 @@ def build_loader(
     _check(world_size >= 1 and 0 <= rank < world_size, f"data: rank {rank} outside world_size {world_size}")
     _check(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}")
     _check(shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    _check(shards_per_chunk >= 1, f"data: shards_per_chunk must be >= 1, got {shards_per_chunk}")
+    _check(shards_per_chunk >= 1, f"data.shards_per_chunk must be >= 1, got {shards_per_chunk}")
     if crop_scale is not None:
         crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         _check(0 < crop_scale[0] <= crop_scale[1] <= 1, f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")

@@ -98,6 +98,7 @@ def build_stage(cfg: RunConfig, env: DistEnv, index: int, data_positions: Option
             world_size=env.world_size,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            shards_per_chunk=cfg.data.shards_per_chunk,
             crop_scale=cfg.data.crop_scale,
             crop_ratio=cfg.data.crop_ratio,
             image_key=cfg.data.image_key,
