@@ -17,6 +17,9 @@ OVERRIDES = [
     "student.cpe_scale=[1.0, 1.0]", "student.cpe_ratio=[1.0, 1.0]", "student.window_sizes=[0]",
     "stages.1.groups.0.batch_per_rank=3", "stages.1.groups.1.batch_per_rank=1",  # 3 CLIP-group vs 1 SAM image
     "data.num_workers=0", "optim.grad_clip=1e9",  # compare raw gradients (clipping scales them all)
+    # the ranks recompute activations (inside FSDP2 units); the single-process reference keeps them
+    # (fixed rank counts: with `auto` the planner drops checkpointing where memory allows)
+    "student.activation_checkpointing=true", "stages.1.groups.0.ranks=1", "stages.1.groups.1.ranks=1",
 ]
 
 
@@ -55,6 +58,7 @@ def test_two_groups_unequal_batches_match_single_process_reference(tmp_path):
     out = tmp_path / "grads.pt"
     run_torchrun(2, WORKER, [str(out), str(tmp_path / "run"), *OVERRIDES])
     got = torch.load(out, weights_only=False)
+    assert got["checkpointing"] and all(got["checkpointing"])  # the plan's choice reached every block
     cfg = load_config("smoke", OVERRIDES)
     ref, n = reference_grads(cfg, got["batches"])
     assert n == 4  # 3 + 1 samples in the union

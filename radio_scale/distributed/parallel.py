@@ -14,7 +14,7 @@ AUTO_SHARD_PARAMS = 1_000_000_000
 
 
 def mixed_precision(device: torch.device, precision: str) -> Optional[MixedPrecisionPolicy]:
-    """bf16 params / fp32 reduce on GPU; None (fp32) on CPU, where bf16 is ~70x slower."""
+    """bf16 params / fp32 reduce on GPU; None (fp32) on CPU, where bf16 matmuls are tens of times slower."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return None
@@ -26,14 +26,12 @@ def world_mesh(device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device, precision: str,
-                  activation_checkpointing: bool) -> nn.Module:
-    """FSDP2 per transformer block, then the root (patch embed, position grid, tokens, heads, balancer)."""
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device, precision: str) -> nn.Module:
+    """FSDP2 per transformer block, then the root (patch embed, position grid, tokens, heads, balancer).
 
-        for i, blk in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(blk)
+    Activation checkpointing is not applied here: it is a per-block switch the trainer sets for each micro-batch
+    from the plan of the group being computed (RadioStudent.set_activation_checkpointing).
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         # One rank: FSDP2 would only add per-step buffer copies and DTensor dispatch (1.31x step time measured
         # in benchmarks/trainer_overhead.py); a plain module checkpoints and reshards the same way through DCP.

@@ -6,9 +6,10 @@ Implemented as a plain nn.Linear subclass holding `weight`, `bias`, `gamma` and 
 FSDP2 materialises for forward is exactly what the power iteration reads.
 
 Under FSDP2 the buffers are replicated, not synchronised: every rank builds the model from the same seed and
-sees the same unsharded weight, so every rank makes the same update. With activation checkpointing the
-recomputation advances the power iteration once more, so backward uses σ from one extra step (a change of
-order (σ₂/σ₁)² of an already converged estimate, as with torch.nn.utils.spectral_norm).
+sees the same unsharded weight, so every rank makes the same update. Under activation checkpointing the
+owning block takes the power step itself, once, before its recomputed region (`advance_in_forward = False`),
+so the recomputation in backward sees exactly forward's σ and the buffers advance once per step on every
+rank, whether or not that rank checkpoints.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class SpectralLinear(nn.Linear):
         self.gamma = nn.Parameter(torch.ones(1))
         self.register_buffer("u", torch.zeros(out_features))
         self.register_buffer("v", torch.zeros(in_features))
+        self.advance_in_forward = True  # False: the owner calls power_step() (activation checkpointing)
         if init_iters > 0:
             self.reset_spectral(init_iters)
 
@@ -51,7 +53,8 @@ class SpectralLinear(nn.Linear):
         return torch.dot(u, self.weight.float() @ v)
 
     @torch.no_grad()
-    def _power_step(self) -> None:
+    def power_step(self) -> None:
+        """One power-iteration step of the u, v estimate of σ(W)."""
         w = self.weight.detach().float()
         v = F.normalize(w.t() @ self.u.float(), dim=0)
         u = F.normalize(w @ v, dim=0)
@@ -59,9 +62,9 @@ class SpectralLinear(nn.Linear):
         self.u.copy_(u)
 
     def effective_weight(self) -> torch.Tensor:
-        """γ·W/σ(W), advancing the power iteration first when training."""
-        if self.training:
-            self._power_step()
+        """γ·W/σ(W), advancing the power iteration first when training (unless the owner does it)."""
+        if self.training and self.advance_in_forward:
+            self.power_step()
         return self.weight * (self.gamma[0] / self.sigma()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath
 from torch import nn
 
@@ -120,9 +121,35 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), spectral)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._spectral = [m for m in self.modules() if isinstance(m, SpectralLinear)]
+        self._checkpointing = False
+
+    @property
+    def checkpointing(self) -> bool:
+        """Recompute this block's activations in backward instead of keeping them.
+
+        A switch, not a wrapper module: parameter names, FSDP2 units and checkpoints are the same either way,
+        and the trainer can set it per micro-batch, so each rank follows the plan of the group it computes.
+        """
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool) -> None:
+        self._checkpointing = bool(on)
+        for m in self._spectral:  # σReparam's power step moves out of the recomputed region (see spectral.py)
+            m.advance_in_forward = not on
 
     def forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
         """x: [B, prefix + h*w, D]; window_size 0 = global; grid = (h, w) of the patch tokens."""
+        if self._checkpointing and torch.is_grad_enabled():
+            for m in self._spectral:
+                if m.training:
+                    m.power_step()
+            # non-reentrant: works inside FSDP2 units; the RNG state is replayed, so DropPath masks match
+            return torch.utils.checkpoint.checkpoint(self._forward, x, window_size, grid, use_reentrant=False)
+        return self._forward(x, window_size, grid)
+
+    def _forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
         ws = 0 if self.always_global else window_size
         x = x + self.drop_path(self.attn(self.norm1(x), ws, grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -173,6 +200,11 @@ class RadioStudent(nn.Module):
                 nn.init.zeros_(m.bias)
             if isinstance(m, SpectralLinear):
                 m.reset_spectral()  # γ = σ(W) of the re-initialised weight
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute every block's activations in backward (True) or keep them (False), from the next forward."""
+        for blk in self.blocks:
+            blk.checkpointing = bool(on)
 
     def forward(self, images: torch.Tensor, window_size: Optional[int] = None) -> StudentOutput:
         """images [B, 3, H, W] (H, W multiples of the patch size); window_size None/0: global attention."""

@@ -91,7 +91,7 @@ class Trainer:
         self.model.to(self.device)
         self.terms = list(self.model.balancer.names)
         student = self.model.student
-        shard_student(self.model, student.blocks, self.device, cfg.precision, cfg.student.activation_checkpointing)
+        shard_student(self.model, student.blocks, self.device, cfg.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.checkpointer = Checkpointer(
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints",
@@ -231,6 +231,8 @@ class Trainer:
             else:  # SPMD: a rank with nothing to do this micro-step still joins every collective, with zero loss
                 res = min(gp.resolution for gp in rt.plan.groups)
                 images, targets = torch.zeros(1, 3, res, res, device=dev), {}
+            # activation checkpointing as the plan chose for this group (a rank may compute several groups)
+            self.model.student.set_activation_checkpointing(real and g.activation_checkpointing)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(i == rt.micro_steps - 1)
             preds = self.model(images, window_size=window)

@@ -26,7 +26,8 @@ def main(out: str, run_dir: str, overrides: list[str]) -> None:
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.rank == 0:
-        torch.save({"grads": grads, "batches": everyone, "loss": stats.loss, "terms": stats.terms}, out)
+        torch.save({"grads": grads, "batches": everyone, "loss": stats.loss, "terms": stats.terms,
+                    "checkpointing": [blk.checkpointing for blk in trainer.model.student.blocks]}, out)
     trainer.stage.close()
     shutdown()
 
