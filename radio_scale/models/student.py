@@ -141,12 +141,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
         """x: [B, prefix + h*w, D]; window_size 0 = global; grid = (h, w) of the patch tokens."""
-        if self._checkpointing and torch.is_grad_enabled():
-            for m in self._spectral:
+        if self._checkpointing:
+            for m in self._spectral:  # their own forward does not advance while checkpointing is on
                 if m.training:
                     m.power_step()
-            # non-reentrant: works inside FSDP2 units; the RNG state is replayed, so DropPath masks match
-            return torch.utils.checkpoint.checkpoint(self._forward, x, window_size, grid, use_reentrant=False)
+            if torch.is_grad_enabled():
+                # non-reentrant: works inside FSDP2 units; the RNG state is replayed, so DropPath masks match
+                return torch.utils.checkpoint.checkpoint(self._forward, x, window_size, grid, use_reentrant=False)
         return self._forward(x, window_size, grid)
 
     def _forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
