@@ -33,6 +33,9 @@ from radio_scale.config import load_config
 from radio_scale.config.loader import recipe_path
 from radio_scale.monitoring.rundir import EVENTS, METRICS, read_jsonl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer_overhead import add_setup_args  # noqa: E402  (the same step options as the other trainer benchmarks)
+
 TARGET = 0.05  # async stall share of the save interval
 
 
@@ -107,10 +110,7 @@ def checkpoint_size_gb(run_dir: Path) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="vit_s16", help="student preset")
-    ap.add_argument("--res", type=int, default=128, help="student resolution (px)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--teachers", default="clip,dino,effnet", help="smoke teachers of the one group")
+    add_setup_args(ap)
     ap.add_argument("--every", type=int, default=3, help="checkpoint every N steps")
     ap.add_argument("--steps", type=int, default=13, help="steps per run (the final, blocking save is left out)")
     ap.add_argument("--repeats", type=int, default=1, help="(async, blocking) pairs of runs")

@@ -31,7 +31,7 @@ from radio_scale.models import student_forward_flops
 from radio_scale.teachers import teacher_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_overhead import bench_config, build_trainer, trainer_step  # noqa: E402  (same step, same setup)
+from trainer_overhead import add_setup_args, bench_config, build_trainer, trainer_step  # noqa: E402  (same step, same setup)
 
 
 def head_forward_flops(heads: nn.Module, summary_tokens: int, patch_tokens: int) -> float:
@@ -69,10 +69,7 @@ def step_flops(cfg, trainer) -> dict[str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="vit_s16", help="student preset")
-    ap.add_argument("--res", type=int, default=128, help="student resolution (px)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--teachers", default="clip,dino,effnet", help="smoke teachers of the one group")
+    add_setup_args(ap)
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul that measures the peak")
     ap.add_argument("--threads", type=int, default=1,

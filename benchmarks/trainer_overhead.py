@@ -35,6 +35,14 @@ from radio_scale.train.trainer import build_model, loss_weights
 TARGET = 1.05  # trainer step / reference step
 
 
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The step every trainer benchmark measures: student preset, resolution, batch, the group's smoke teachers."""
+    ap.add_argument("--arch", default="vit_s16", help="student preset")
+    ap.add_argument("--res", type=int, default=128, help="student resolution (px)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--teachers", default="clip,dino,effnet", help="smoke teachers of the one group")
+
+
 def bench_config(arch: str, res: int, batch: int, teachers: str = "clip,dino,effnet") -> RunConfig:
     """The smoke recipe with a real-size student preset, one group (the tiny teachers), global attention."""
     names = [t for t in teachers.split(",") if t]
@@ -221,10 +229,7 @@ def profile_sides(b: Bench, steps: int = 4, rows: int = 14) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="vit_s16", help="student preset")
-    ap.add_argument("--res", type=int, default=128, help="student resolution (px)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--teachers", default="clip,dino,effnet", help="smoke teachers of the one group")
+    add_setup_args(ap)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side (after 2 warm-up steps each)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: process CPU time = compute even on a shared machine; 0: torch's default)")
