@@ -22,7 +22,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from radio_scale.data.shards import DataError
-from radio_scale.data.views import Batch, SampleSkip, ViewSpec, decode_views, stack_view
+from radio_scale.data.views import Batch, SampleSkip, ViewSpec, content_fraction, decode_views, stack_view
 
 log = logging.getLogger("radio_scale.data")
 
@@ -299,4 +299,9 @@ class ViewStream(IterableDataset):
         teachers = {v.name: view_tensor(v) for v in self.spec.teacher_views}
         labels = [r[2] for r in rows]
         label_t = None if all(x is None for x in labels) else torch.tensor([-1 if x is None else x for x in labels])
-        return Batch(student, teachers, label_t, [r[0] for r in rows], {"stream": stream, "position": position})
+        content = {}
+        for v in self.spec.teacher_views:
+            frac = content_fraction([r[1][v.render_key] for r in rows], v)
+            if frac is not None:
+                content[v.name] = frac
+        return Batch(student, teachers, label_t, [r[0] for r in rows], {"stream": stream, "position": position}, content)

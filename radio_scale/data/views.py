@@ -56,13 +56,19 @@ def student_view(size: int) -> ViewSpec:
 
 @dataclass
 class Batch:
-    """Views of B samples: student [B,3,R,R], teachers {name: [B,3,S,S]}, labels [B] (or None), keys."""
+    """Views of B samples: student [B,3,R,R], teachers {name: [B,3,S,S]}, labels [B] (or None), keys.
+
+    content: for every padded teacher view ("longest_pad"), [B, 2] float32, the (height, width) fraction of
+    each sample's view that holds the image (the rest is padding); the loss uses it to line the teacher's
+    map up with the student's squashed view (radio_scale.losses.crop_to_content).
+    """
 
     student: torch.Tensor
     teachers: dict[str, torch.Tensor]
     labels: Optional[torch.Tensor]
     keys: list[str]
     meta: dict = field(default_factory=dict)  # stream position and counters (see DistillLoader)
+    content: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -75,6 +81,7 @@ class Batch:
             None if self.labels is None else self.labels.pin_memory(),
             self.keys,
             self.meta,
+            self.content,
         )
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
@@ -85,6 +92,7 @@ class Batch:
             None if self.labels is None else self.labels.to(device, non_blocking=non_blocking),
             self.keys,
             self.meta,
+            self.content,
         )
 
 
@@ -210,6 +218,13 @@ def stack_view(images: list[np.ndarray], view: ViewSpec) -> torch.Tensor:
         np.multiply(np.ascontiguousarray(im.transpose(2, 0, 1)), scale[0], out=dst)
         dst += shift[0]
     return torch.from_numpy(out)
+
+
+def content_fraction(images: list[np.ndarray], view: ViewSpec) -> Optional[torch.Tensor]:
+    """[B, 2] (height, width) fraction of a padded view that each uint8 HWC image fills; None for squash views."""
+    if view.resize_mode == "squash":
+        return None
+    return torch.tensor([[im.shape[0] / view.size, im.shape[1] / view.size] for im in images], dtype=torch.float32)
 
 
 def probe_image(data: bytes) -> tuple[int, int]:

@@ -58,10 +58,23 @@ def teacher_view(images: torch.Tensor, teacher) -> torch.Tensor:
     return make_view(images, teacher.input_size, teacher.mean, teacher.std, getattr(teacher, "resize_mode", "squash"))
 
 
-def teacher_output(teacher, images: torch.Tensor):
-    """The teacher's TeacherOutput (summary, spatial) on 0..1 images, seen through its own view."""
+def teacher_output(teacher, images: torch.Tensor, aligned: bool = False):
+    """The teacher's TeacherOutput (summary, spatial) on 0..1 images, seen through its own view.
+
+    aligned: for a padded view (SAM), crop the spatial map to the image content and stretch it over the grid,
+    as training does, so that it lines up position by position with a squashed (student) view.
+    """
     with torch.no_grad():
-        return teacher(teacher_view(images, teacher).to(_device_of(teacher)))
+        out = teacher(teacher_view(images, teacher).to(_device_of(teacher)))
+    if aligned and getattr(teacher, "resize_mode", "squash") == "longest_pad":
+        from radio_scale.data.views import longest_side_shape
+        from radio_scale.losses import crop_to_content
+        from radio_scale.teachers.base import TeacherOutput
+
+        nw, nh = longest_side_shape(images.shape[-1], images.shape[-2], teacher.input_size)
+        frac = torch.tensor([[nh / teacher.input_size, nw / teacher.input_size]]).expand(images.shape[0], 2)
+        out = TeacherOutput(out.summary, crop_to_content(out.spatial, frac))
+    return out
 
 
 def teacher_summary_encoder(teacher) -> Encoder:

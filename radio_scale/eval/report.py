@@ -145,7 +145,7 @@ def run_periodic_eval(student, heads, teachers, cfg, step: int, tracker=None, ma
             for teacher in teachers:
                 if teacher.name not in head_out:
                     continue
-                out = teacher_output(teacher, images)
+                out = teacher_output(teacher, images, aligned=True)
                 pred = head_out[teacher.name]
                 fid[teacher.name] = teacher_fidelity(pred.summary, pred.spatial, out.summary, out.spatial)
             if dist.is_available() and dist.is_initialized():

@@ -147,7 +147,7 @@ def fidelity_task(student, heads, teachers: Sequence, images: torch.Tensor, reso
         _, head_out = student_forward(student, heads, x, resolution)
         sizes.append(len(x))
         for t in teachers:
-            out = teacher_output(t, x)
+            out = teacher_output(t, x, aligned=True)
             pred = head_out[t.name]
             records[t.name].append(teacher_fidelity(pred.summary, pred.spatial, out.summary, out.spatial))
     return {name: mean_of(recs, sizes) for name, recs in records.items()}

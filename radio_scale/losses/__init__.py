@@ -10,6 +10,7 @@ from radio_scale.losses.balancers import (
 from radio_scale.losses.terms import (
     TERM_KINDS,
     cosine_distance,
+    crop_to_content,
     match_grids,
     spatial_loss,
     summary_loss,
@@ -19,5 +20,5 @@ from radio_scale.losses.terms import (
 
 __all__ = [
     "AdaLossBalancer", "BalancedLoss", "Balancer", "NaiveBalancer", "TERM_KINDS", "UncertaintyBalancer",
-    "build_balancer", "cosine_distance", "match_grids", "spatial_loss", "summary_loss", "term_name", "term_weights",
+    "build_balancer", "cosine_distance", "crop_to_content", "match_grids", "spatial_loss", "summary_loss", "term_name", "term_weights",
 ]

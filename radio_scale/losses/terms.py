@@ -1,7 +1,7 @@
 """Per-sample distillation losses: cosine distance for summaries; cosine + smooth-L1 for spatial features."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,40 @@ def match_grids(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     return resize(pred), resize(target)
+
+
+def crop_to_content(spatial: torch.Tensor, content: Optional[torch.Tensor]) -> torch.Tensor:
+    """A padded view's feature maps [B, C, h, w], each sample's content region stretched back over the whole grid.
+
+    content [B, 2]: the (height, width) fraction of each sample's view that holds the image; the rest is
+    padding (SAM's view: longest side resized to the input size, zero-padded bottom/right). The student sees
+    the same crop squashed to a square, so position (i, j) of its grid and of the returned map cover the same
+    image content, and padded positions never reach a loss. Bilinear resampling with edge clamping, the same
+    rule as match_grids' resize, clamped to the cells that hold content (a cell the content edge cuts
+    through is content). None or all fractions 1: returned as is.
+    """
+    if content is None:
+        return spatial
+    if spatial.dim() != 4 or tuple(content.shape) != (spatial.shape[0], 2):
+        raise ValueError(f"crop_to_content expects [B, C, h, w] maps and [B, 2] fractions, got "
+                         f"{list(spatial.shape)} and {list(content.shape)}")
+    b, _, h, w = spatial.shape
+    if bool((content >= 1).all()):
+        return spatial
+    frac = content.to(device=spatial.device, dtype=torch.float32).clamp(min=1e-6, max=1.0)
+
+    def axis(n: int, f: torch.Tensor) -> torch.Tensor:
+        # Source coordinate of each output cell centre (F.interpolate's align_corners=False rule applied to the
+        # content's extent n·f), clamped to the centres of the cells that hold content, then normalised for
+        # grid_sample: no output position ever reads a cell that is padding only.
+        centres = (torch.arange(n, device=spatial.device, dtype=torch.float32) + 0.5)[None] * f[:, None] - 0.5
+        last = (torch.ceil(n * f - 1e-4) - 1).clamp(min=0)[:, None]
+        src = torch.minimum(centres.clamp(min=0), last)
+        return (2 * src + 1) / n - 1  # [B, n]
+
+    ys, xs = axis(h, frac[:, 0]), axis(w, frac[:, 1])
+    grid = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], dim=-1)
+    return F.grid_sample(spatial, grid.to(spatial.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def spatial_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.9, beta: float = 0.1) -> torch.Tensor:
