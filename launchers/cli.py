@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from radio_scale.config import ConfigError, config_to_yaml, load_config
-from radio_scale.launchers.cluster import ClusterConfig, load_cluster
+from radio_scale.launchers.cluster import CLUSTER_ENV, ClusterConfig, cluster_source, load_cluster
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recipe", default="smoke", help="shipped recipe name (smoke, two_stage, ...) or a YAML path")
     p.add_argument("--nodes", type=int, default=1, help="nodes; ranks = nodes x the cluster's tasks_per_node")
-    p.add_argument("--cluster", default=None, help="cluster YAML (default: this machine, see cluster_configs/local.yaml)")
+    p.add_argument("--cluster", default=None,
+                   help=f"cluster YAML (default: ${CLUSTER_ENV} if set, else this machine, see cluster_configs/local.yaml)")
     p.add_argument("--name", default=None, help="run name (the run directory is <run_root>/<name>)")
     p.add_argument("--run-dir", default=None, help="explicit run directory (re-using one resumes that run)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the exact submission; start nothing")
@@ -29,14 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_all(cfg, world: int, cluster: ClusterConfig) -> list:
-    """The plan of every stage at this world size."""
-    from radio_scale.distributed.plan import make_plan
+def hardware_overrides(cluster: ClusterConfig) -> list[str]:
+    """The cluster's device figures as config overrides (the user's own overrides come after them and win)."""
+    tflops = "null" if cluster.gpu_tflops is None else repr(float(cluster.gpu_tflops))
+    return [f"hardware.gpu_memory_gb={float(cluster.gpu_memory_gb)!r}", f"hardware.gpu_tflops={tflops}"]
 
-    kw = {"memory_limit_gb": cluster.gpu_memory_gb}
-    if cluster.gpu_tflops:
-        kw["device_tflops"] = cluster.gpu_tflops
-    return [make_plan(cfg, world, i, **kw) for i in range(len(cfg.stages))]
+
+def plan_all(cfg, world: int) -> list:
+    """The plan of every stage at this world size: the same function, on the same config, as the ranks."""
+    from radio_scale.distributed.plan import plan_for_run
+
+    return [plan_for_run(cfg, world, i) for i in range(len(cfg.stages))]
+
+
+def plan_record(cfg, world: int, cluster: ClusterConfig, plans: list) -> dict:
+    """What plan.json holds (the ranks check their own plan against it before they start)."""
+    return {"world_size": world, "cluster": cluster.name, "stages": [
+        {"name": s.name, "steps": s.steps, **p.to_dict()} for s, p in zip(cfg.stages, plans)]}
 
 
 def main(argv=None) -> int:
@@ -46,11 +56,25 @@ def main(argv=None) -> int:
     if args.name:
         overrides.append(f"name={args.name}")
     try:
-        cluster = load_cluster(args.cluster)
+        cluster_path, source = cluster_source(args.cluster)
+        try:
+            cluster = load_cluster(cluster_path)
+        except ConfigError as e:
+            if source == f"${CLUSTER_ENV}":
+                raise ConfigError(f"{e} (set by ${CLUSTER_ENV})") from None
+            raise
         if args.nodes < 1:
             raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+        if args.nodes > 1 and cluster.kind == "local":
+            where = (f"{cluster_path}, from {source}" if cluster_path
+                     else f"the default: neither --cluster nor ${CLUSTER_ENV} is set")
+            raise ConfigError(
+                f"--nodes {args.nodes}: cluster '{cluster.name}' ({where}) is this one machine; pick a multi-node "
+                f"cluster with --cluster <cluster.yaml>, or set {CLUSTER_ENV}=<cluster.yaml> once for the site "
+                f"(examples in cluster_configs/)")
         check_files = not (args.dry_run or args.print_config)
-        cfg = load_config(args.recipe, overrides, check_files=check_files)
+        # the cluster's device figures become part of the run's config, so every rank plans against them too
+        cfg = load_config(args.recipe, [*hardware_overrides(cluster), *overrides], check_files=check_files)
         if cluster.mlflow_uri and cfg.tracking.uri is None:
             cfg = replace(cfg, tracking=replace(cfg.tracking, uri=cluster.mlflow_uri))
         world = args.nodes * cluster.tasks_per_node
@@ -59,24 +83,23 @@ def main(argv=None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
-        plans = plan_all(cfg, world, cluster)
+        plans = plan_all(cfg, world)
     except (ConfigError, ValueError) as e:
         print(f"radio-launch: {e}", file=sys.stderr)
         return 2
 
     if args.dry_run:
-        print_dry_run(cfg, cluster, args.nodes, world, plans, run_dir)
+        print_dry_run(cfg, cluster, args.nodes, world, plans, run_dir, cluster_from=_cluster_from(cluster_path, source))
         return 0
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(config_to_yaml(cfg))
-    (run_dir / "plan.json").write_text(json.dumps(
-        {"world_size": world, "cluster": cluster.name, "stages": [
-            {"name": s.name, "steps": s.steps, **p.to_dict()} for s, p in zip(cfg.stages, plans)]}, indent=1, default=str))
+    (run_dir / "plan.json").write_text(json.dumps(plan_record(cfg, world, cluster, plans), indent=1, default=str))
     (run_dir / "launch.json").write_text(json.dumps({
-        "cluster": cluster.name, "kind": cluster.kind, "nodes": args.nodes, "world_size": world,
+        "cluster": cluster.name, "cluster_file": _cluster_from(cluster_path, source), "kind": cluster.kind,
+        "nodes": args.nodes, "world_size": world,
         "git_revision": git_revision(), "argv": sys.argv[1:] if argv is None else list(argv)}, indent=1))
     mlflow_at = cfg.tracking.uri or f"sqlite:///{run_dir / 'mlflow.db'}"
     if cluster.kind == "slurm":
@@ -121,16 +144,23 @@ def git_revision() -> str:
         return "unknown"
 
 
+def _cluster_from(path, source: str) -> str:
+    return f"{Path(path).resolve()} (from {source})" if path else "none (this machine)"
+
+
 def _print_where(run_dir: Path, mlflow_at: str) -> None:
     print(f"run directory: {run_dir}")
     print(f"mlflow:        {mlflow_at}  (UI: radio-monitor ui {run_dir})")
     print(f"monitor:       radio-monitor status {run_dir} --watch")
 
 
-def print_dry_run(cfg, cluster: ClusterConfig, nodes: int, world: int, plans: list, run_dir: Path) -> None:
+def print_dry_run(cfg, cluster: ClusterConfig, nodes: int, world: int, plans: list, run_dir: Path,
+                  cluster_from: str = "") -> None:
     """The resolved plan of every stage, then the exact submission."""
     print(f"recipe {cfg.name}: {world} ranks = {nodes} node(s) x {cluster.tasks_per_node} on cluster '{cluster.name}' "
           f"({cluster.kind}); student {cfg.student.arch}; {cfg.total_steps} steps")
+    if cluster_from:
+        print(f"cluster file: {cluster_from}")
     for stage, plan in zip(cfg.stages, plans):
         print(f"\nstage '{stage.name}': {stage.steps} steps")
         print(plan.table())

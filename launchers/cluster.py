@@ -1,6 +1,8 @@
 """Cluster configuration (`cluster_configs/*.yaml`): where and how the ranks of a run are started."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -34,8 +36,24 @@ class ClusterConfig:
     env: dict = field(default_factory=dict)
     run_root: str = "runs"
     mlflow_uri: Optional[str] = None  # overrides tracking.uri when set
-    gpu_memory_gb: float = 80.0  # memory limit the planner plans against
-    gpu_tflops: Optional[float] = None  # bf16 dense peak, for the planner's time estimates
+    gpu_memory_gb: float = 80.0  # memory limit the planner plans against (-> the run's hardware.gpu_memory_gb)
+    gpu_tflops: Optional[float] = None  # bf16 dense peak, for the planner's time estimates (-> hardware.gpu_tflops)
+    # SLURM: the interpreter the compute nodes run (after `setup`); None: the submitting machine's own
+    python: Optional[str] = None
+
+
+# A site's default cluster file, used when --cluster is not given.
+CLUSTER_ENV = "RADIO_CLUSTER"
+
+
+def cluster_source(path: Optional[str]) -> tuple[Optional[str], str]:
+    """(the cluster file to use, where that choice came from): --cluster, else $RADIO_CLUSTER, else this machine."""
+    if path:
+        return path, "--cluster"
+    env = os.environ.get(CLUSTER_ENV, "").strip()
+    if env:
+        return env, f"${CLUSTER_ENV}"
+    return None, "default"
 
 
 def load_cluster(path: Optional[str]) -> ClusterConfig:
@@ -55,6 +73,12 @@ def load_cluster(path: Optional[str]) -> ClusterConfig:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {getattr(cfg, key)}")
     if cfg.gpus_per_node < 0 or cfg.max_requeues < 0 or cfg.signal_delay_s < 0:
         raise ConfigError(f"{path}: keys 'gpus_per_node', 'max_requeues', 'signal_delay_s' must be >= 0")
+    for key in ("gpu_memory_gb", "gpu_tflops"):
+        value = getattr(cfg, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")
+    if cfg.python is not None and not cfg.python.strip():
+        raise ConfigError(f"{path}: key 'python' must be an interpreter path (or be left out), got {cfg.python!r}")
     if cfg.kind == "slurm" and cfg.gpus_per_node and cfg.gpus_per_node != cfg.tasks_per_node:
         raise ConfigError(f"{path}: key 'tasks_per_node' ({cfg.tasks_per_node}) must equal 'gpus_per_node' "
                           f"({cfg.gpus_per_node}): one rank per GPU")

@@ -9,7 +9,8 @@
 <run_dir>/checkpoints/step_000000120/     DCP checkpoints; complete ones hold `.complete` (json: step, stage, time)
 <run_dir>/stacks/rank_00003_<time>.txt    faulthandler dumps of a hung rank
 <run_dir>/HANG, <run_dir>/FAILED          markers (json: time, rank, reason)
-<run_dir>/requeues.json                   {"count": n, "history": [...]}
+<run_dir>/requeues.json                   {"count": n, "history": [{time, reason, job_id, restart, step, cause}],
+                                           "stopped": {...} when a job was not requeued}
 <run_dir>/mlflow.db                       default MLflow tracking store (sqlite)
 ```
 """
@@ -183,6 +184,38 @@ def write_marker(run_dir: PathLike, name: str, rank: int, reason: str) -> Path:
     atomic_write_json(path, {"time": time.time(), "rank": rank, "host": socket.gethostname(),
                              "pid": os.getpid(), "reason": reason})
     return path
+
+
+def progress_step(run_dir: PathLike, checkpoint_root: Optional[PathLike] = None) -> int:
+    """How far the run has got: the largest step in the heartbeats, metrics.jsonl and complete checkpoints (0: none).
+
+    Heartbeats and metrics survive a requeue, so a requeued job that fails again before it passes its
+    predecessor's step reports the same step: no progress.
+    """
+    run_dir = Path(run_dir)
+    steps = [0]
+    folder = run_dir / HEARTBEATS_DIR
+    if folder.is_dir():
+        for p in folder.glob("rank_*.json"):
+            hb = read_json(p)
+            if isinstance(hb, dict) and isinstance(hb.get("step"), int):
+                steps.append(hb["step"])
+    steps += [r["step"] for r in read_jsonl(run_dir / METRICS, tail_bytes=64 * 1024) if isinstance(r.get("step"), int)]
+    for root in {Path(checkpoint_root or run_dir / CHECKPOINTS_DIR), run_dir / CHECKPOINTS_DIR}:
+        for _, info in complete_checkpoints(root):
+            if isinstance(info.get("step"), int):
+                steps.append(info["step"])
+    return max(steps)
+
+
+def record_requeue_stopped(run_dir: PathLike, reason: str, **info: Any) -> None:
+    """Note in requeues.json that a job was not requeued, and why (read by the other ranks of the same job)."""
+    path = Path(run_dir) / REQUEUES
+    state = read_json(path)
+    if not isinstance(state, dict):
+        state = {"count": 0, "history": []}
+    state["stopped"] = {"time": time.time(), "reason": reason, **info}
+    atomic_write_json(path, state)
 
 
 def record_requeue(run_dir: PathLike, reason: str, **info: Any) -> int:

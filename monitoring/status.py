@@ -3,6 +3,7 @@
 State, first match wins:
   finished  the newest lifecycle event (start/resume/finished/failed) is `finished`
   failed    a FAILED marker newer than the last start/resume, or the newest lifecycle event is `failed`
+            (the reason is the newer of the two: e.g. "failed twice at step N with no progress, not requeued")
   hung      a HANG marker newer than the last start/resume (a watchdog fired)
   stale     no heartbeat for longer than the phase's watchdog timeout + 60 s: the processes died without a word
   starting  no heartbeat yet: queued, or started less than the startup timeout ago
@@ -160,7 +161,11 @@ def collect_status(run_dir: PathLike, now: Optional[float] = None, stale_after: 
     elif (failed_t is not None and failed_t > started) or last_kind == "failed":
         info = read_json(run_dir / FAILED_MARKER)
         state = "failed"
-        reason = info.get("reason", "") if isinstance(info, dict) else lifecycle[-1].get("message", "")
+        event = lifecycle[-1] if last_kind == "failed" else None
+        if event is not None and (failed_t is None or event.get("time", 0.0) >= failed_t):
+            reason = event.get("message", "")  # e.g. why the job was not requeued
+        else:
+            reason = info.get("reason", "") if isinstance(info, dict) else ""
     elif hang_t is not None and hang_t > started:
         info = read_json(run_dir / HANG_MARKER)
         state, reason = "hung", info.get("reason", "") if isinstance(info, dict) else "HANG marker present"

@@ -16,6 +16,7 @@ from radio_scale.config.schema import (
     DataConfig,
     EvalConfig,
     GroupConfig,
+    HardwareConfig,
     LossConfig,
     MonitorConfig,
     OptimConfig,
@@ -27,7 +28,7 @@ from radio_scale.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "GroupConfig", "LossConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "GroupConfig", "HardwareConfig", "LossConfig",
     "MonitorConfig", "OptimConfig", "RunConfig", "StageConfig", "StudentConfig", "TeacherConfig",
     "TrackingConfig", "apply_override", "config_from_dict", "config_to_dict", "config_to_yaml",
     "flatten", "load_config", "recipe_names", "recipe_path", "student_patch_size",

@@ -1,8 +1,12 @@
 """The rank plan: which teacher group every rank runs, with what batch, resolution and checkpointing.
 
 `make_plan(cfg, world_size, stage_index)` is a pure function of the config and the world size (no
-processes, no devices), so `radio-launch --dry-run` can plan the full recipe on a laptop. The trainer
-calls the same function on every rank, then `plan.build_process_groups()`.
+processes, no devices), so `radio-launch --dry-run` can plan the full recipe on a laptop. The device it
+plans against is part of the config (`hardware.gpu_memory_gb` / `hardware.gpu_tflops`, which radio-launch
+fills from the cluster file), so `plan_for_run(cfg, world_size, stage_index)` (= make_plan without
+overrides) gives the same plan in the launcher (printed, written to plan.json) and on every rank. The
+trainer calls it on every rank, checks it against the launcher's plan.json (`check_launch_plan`), then
+`plan.build_process_groups()`.
 
 Rank counts. Each group of a stage asks for `ranks`: an int (a count), a float (a fraction of the
 world) or "auto". Fixed counts are served first, then fractions (largest remainder, at least one rank
@@ -63,7 +67,7 @@ from radio_scale.distributed.cost import (
 if TYPE_CHECKING:
     import torch.distributed as dist
 
-# H100 SXM dense bf16 peak; the cluster config's gpu_tflops overrides it.
+# H100 SXM dense bf16 peak; the config's hardware.gpu_tflops (from the cluster file) overrides it.
 DEFAULT_DEVICE_TFLOPS = 989.0
 # Fraction of peak a ViT training step reaches; uniform across groups, so utilisation does not depend on it.
 DEFAULT_MFU = 0.4
@@ -455,10 +459,18 @@ def _step_time(classes: list[list[tuple[int, _Option]]], rates: list[float], loc
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit_gb: float = 80.0,
+def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit_gb: Optional[float] = None,
               device_tflops: Optional[float] = None, mfu: float = DEFAULT_MFU,
               share_tolerance: float = 0.25) -> RankPlan:
-    """Plan stage `stage_index` of `cfg` on `world_size` ranks (see the module docstring for the rules)."""
+    """Plan stage `stage_index` of `cfg` on `world_size` ranks (see the module docstring for the rules).
+
+    memory_limit_gb / device_tflops default to the run's `cfg.hardware` (device_tflops then to the H100
+    figure when that is unset); pass them only to explore other hardware (benchmarks, tests).
+    """
+    if memory_limit_gb is None:
+        memory_limit_gb = cfg.hardware.gpu_memory_gb
+    if device_tflops is None:
+        device_tflops = cfg.hardware.gpu_tflops
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if not 0 <= stage_index < len(cfg.stages):
@@ -533,6 +545,65 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         memory_limit_gb=memory_limit_gb, device_tflops=tflops, mfu=mfu,
         planned=any(gm.tunable for gm in models), warnings=tuple(warnings),
     )
+
+
+def plan_for_run(cfg: RunConfig, world_size: int, stage_index: int) -> RankPlan:
+    """The plan a run executes: stage `stage_index` at `world_size` on the run's own `cfg.hardware`.
+
+    The one function radio-launch (--dry-run, plan.json), the ranks (stage.build_stage) and the MLflow tags
+    use, so all of them see the same plan.
+    """
+    return make_plan(cfg, world_size, stage_index, memory_limit_gb=cfg.hardware.gpu_memory_gb,
+                     device_tflops=cfg.hardware.gpu_tflops)
+
+
+# What a rank executes from its group plan; these must equal the launch plan's, field by field.
+_CHECKED_STAGE_FIELDS = ("world_size", "stage", "memory_limit_gb", "device_tflops")
+_CHECKED_GROUP_FIELDS = ("teachers", "ranks", "batch_per_rank", "resolution", "sampling_rate",
+                         "activation_checkpointing", "teacher_sharding")
+
+
+def check_launch_plan(plan: RankPlan, run_dir) -> None:
+    """Refuse to run a plan that differs from the one the launcher printed and wrote to <run_dir>/plan.json.
+
+    No plan.json (a rank started without radio-launch): nothing to check. Otherwise a RuntimeError (one line)
+    names the stage, the group, the field, both values and the file.
+    """
+    import json
+    from pathlib import Path
+
+    if run_dir is None:
+        return
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        return
+    where = f"stage '{plan.stage_name}'"
+    tail = f"the launch plan {path}; relaunch with radio-launch to plan again"
+    try:
+        launched = json.loads(path.read_text())
+        stages = launched["stages"]
+        entry = next(s for i, s in enumerate(stages) if s.get("stage_index", i) == plan.stage_index)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        raise RuntimeError(f"{where}: no readable plan of this stage in {tail}") from None
+    mine = json.loads(json.dumps(plan.to_dict(), default=str))  # the same JSON types plan.json holds
+
+    def differ(a, b) -> bool:
+        if isinstance(a, float) or isinstance(b, float):
+            return not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9))
+        return a != b
+
+    for key in _CHECKED_STAGE_FIELDS:
+        if differ(mine.get(key), entry.get(key)):
+            raise RuntimeError(f"{where}: field '{key}' is {mine.get(key)!r} on this rank but {entry.get(key)!r} in {tail}")
+    theirs = {g.get("name"): g for g in entry.get("groups", []) if isinstance(g, dict)}
+    names = [g["name"] for g in mine["groups"]]
+    if names != list(theirs):
+        raise RuntimeError(f"{where}: groups are {names} on this rank but {list(theirs)} in {tail}")
+    for g in mine["groups"]:
+        for key in _CHECKED_GROUP_FIELDS:
+            if differ(g.get(key), theirs[g["name"]].get(key)):
+                raise RuntimeError(f"{where} group '{g['name']}': field '{key}' is {g.get(key)!r} on this rank but "
+                                   f"{theirs[g['name']].get(key)!r} in {tail}")
 
 
 def _place_shared(models: list[_GroupModel], options, world_size: int,

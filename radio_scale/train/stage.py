@@ -12,7 +12,7 @@ from radio_scale.config import RunConfig
 from radio_scale.data import STUDENT_MEAN, STUDENT_STD, ViewSpec, build_loader
 from radio_scale.distributed.env import DistEnv
 from radio_scale.distributed.parallel import shard_teacher
-from radio_scale.distributed.plan import RankPlan, make_plan
+from radio_scale.distributed.plan import RankPlan, check_launch_plan, plan_for_run
 from radio_scale.teachers import Teacher, build_teacher
 
 
@@ -68,8 +68,13 @@ def stage_at(cfg: RunConfig, step: int) -> int:
 
 
 def build_stage(cfg: RunConfig, env: DistEnv, index: int, data_positions: Optional[dict] = None) -> StageRuntime:
-    """Plan the stage, create its process subgroups (all ranks), build my teachers and data streams."""
-    plan = make_plan(cfg, env.world_size, index)
+    """Plan the stage, create its process subgroups (all ranks), build my teachers and data streams.
+
+    The plan must be the one radio-launch printed and wrote to <run_dir>/plan.json: a rank that plans
+    anything else refuses to start (RuntimeError naming the stage, group and field).
+    """
+    plan = plan_for_run(cfg, env.world_size, index)
+    check_launch_plan(plan, cfg.run_dir)
     pgs = plan.build_process_groups() if dist.is_initialized() else {}
     mine = plan.groups_of(env.rank)
     micro = max(len(plan.groups_of(r)) for r in range(env.world_size))
