@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -258,12 +259,25 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False) -> None:
             raise ConfigError(f"{src}: key '{key}.checkpoint': file not found: {t.checkpoint}")
     if not (0 <= cfg.loss.alpha and 0 <= cfg.loss.beta):
         raise ConfigError(f"{src}: keys 'loss.alpha'/'loss.beta' must be >= 0")
+    for key in ("gpu_memory_gb", "gpu_tflops"):
+        value = getattr(cfg.hardware, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{src}: key 'hardware.{key}' must be > 0, got {value}")
     for w in cfg.student.window_sizes:
         if w < 0:
             raise ConfigError(f"{src}: key 'student.window_sizes' holds {w}; use 0 for global attention")
+    if cfg.optim.schedule == "run" and cfg.stages[0].lr is not None:
+        raise ConfigError(f"{src}: key 'stages.0.lr' is set, but optim.schedule 'run' peaks at optim.lr: "
+                          "set optim.lr instead, or optim.schedule=per_stage")
     for i, stage in enumerate(cfg.stages):
         if stage.steps <= 0:
             raise ConfigError(f"{src}: key 'stages.{i}.steps' must be > 0, got {stage.steps}")
+        if stage.warmup_steps < 0:
+            raise ConfigError(f"{src}: key 'stages.{i}.warmup_steps' must be >= 0, got {stage.warmup_steps}")
+        if cfg.optim.schedule == "run" and i > 0 and (stage.warmup_steps or stage.lr is not None):
+            key = "warmup_steps" if stage.warmup_steps else "lr"
+            raise ConfigError(f"{src}: key 'stages.{i}.{key}' is set, but optim.schedule 'run' warms up once "
+                              "(stages.0.warmup_steps) and peaks at optim.lr: remove it or set optim.schedule=per_stage")
         seen = set()
         for j, g in enumerate(stage.groups):
             key = f"stages.{i}.groups.{j}"

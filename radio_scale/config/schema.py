@@ -72,6 +72,10 @@ class LossConfig:
     beta: float = 0.1  # smooth-L1 share of the spatial loss
     balancer: Literal["naive", "uncertainty", "adaloss"] = "naive"
     adaloss_momentum: float = 0.99
+    # per_teacher (the paper): each term is the mean over the samples that carried its teacher in the step
+    # (all ranks), times its weight, so a teacher seen by few samples (SAM) keeps its full weight.
+    # per_sample: every term summed over its samples and divided by the step's global sample count.
+    reduction: Literal["per_teacher", "per_sample"] = "per_teacher"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
+    # run (the paper): one warm-up (stage 0's warmup_steps) and one cosine over all stages' steps, peak optim.lr.
+    # per_stage: every stage warms up and decays on its own (its warmup_steps, its lr or optim.lr).
+    schedule: Literal["run", "per_stage"] = "run"
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class HardwareConfig:
+    """What the planner plans against: one rank's device. radio-launch fills it from the cluster file."""
+
+    gpu_memory_gb: float = 80.0  # memory limit per rank
+    gpu_tflops: Optional[float] = None  # bf16 dense peak per rank; None: the planner's H100 figure (989)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole resolved run."""
 
@@ -151,6 +166,7 @@ class RunConfig:
     tracking: TrackingConfig = TrackingConfig()
     monitor: MonitorConfig = MonitorConfig()
     eval: EvalConfig = EvalConfig()
+    hardware: HardwareConfig = HardwareConfig()
     seed: int = 0
     run_dir: Optional[str] = None  # None: runs/<name>
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

@@ -25,6 +25,28 @@ class HeadOutput(NamedTuple):
     spatial: torch.Tensor
 
 
+class _ZeroLink(torch.autograd.Function):
+    """A scalar 0 that depends on `tensors`: in backward every one of them gets an exact zero gradient.
+
+    This is how an unused head takes part in FSDP's gradient reduction without its output entering any
+    arithmetic: 0 × output would be NaN when the output overflows (0 × inf) and would skip a good step.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
+        return torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs)
+
+
+def zero_link(*tensors: torch.Tensor) -> torch.Tensor:
+    """0, with exact zero gradients for `tensors` whatever their values (inf and NaN included)."""
+    return _ZeroLink.apply(*tensors)
+
+
 class AdaptorMLP(nn.Sequential):
     """Linear → LayerNorm → GELU → Linear (the paper's adaptor)."""
 
@@ -38,9 +60,10 @@ class AdaptorHeads(nn.Module):
     Hidden width = the largest teacher width (embed_dim or summary_dim) over all teachers. Every head exists
     on every rank. FSDP is SPMD: a head that one rank skips while another runs it desynchronises the
     all-gathers / reduce-scatters (or leaves a gradient None on one rank only). So `forward(out, names)`
-    by default also runs every head *not* in `names` on a single token and adds 0 × its output to the first
-    requested spatial prediction: every rank runs every head, in construction order, and the unused heads
-    receive exact zero gradients through the loss of that prediction (its values are unchanged). The trainer
+    by default also runs every head *not* in `names` on a single token and links its output to the first
+    requested spatial prediction through `zero_link` (adds an exact 0 whatever the output's value, inf
+    included): every rank runs every head, in construction order, and the unused heads receive exact zero
+    gradients through the loss of that prediction (its values are unchanged). The trainer
     only has to pass its group's teacher names and use the first teacher's spatial prediction in the loss.
     """
 
@@ -83,13 +106,13 @@ class AdaptorHeads(nn.Module):
                 preds[n] = HeadOutput(summary, self._spatial(n, out.patches))
             elif run_unused:
                 if n in self.summary:
-                    unused.append(self.summary[n](token).sum())
-                unused.append(self.spatial[n](token).sum())
+                    unused.append(self.summary[n](token))
+                unused.append(self.spatial[n](token))
         preds = {n: preds[n] for n in names}
         if unused:
-            zero = torch.stack(unused).sum() * 0.0
             first = names[0]
-            preds[first] = HeadOutput(preds[first].summary, preds[first].spatial + zero)
+            preds[first] = HeadOutput(preds[first].summary, preds[first].spatial + zero_link(*unused).to(
+                preds[first].spatial.dtype))
         return preds
 
     def _spatial(self, name: str, patches: torch.Tensor) -> torch.Tensor:

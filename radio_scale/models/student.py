@@ -123,6 +123,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self._spectral = [m for m in self.modules() if isinstance(m, SpectralLinear)]
         self._checkpointing = False
+        self._spectral_advance = True
 
     @property
     def checkpointing(self) -> bool:
@@ -136,15 +137,33 @@ class Block(nn.Module):
     @checkpointing.setter
     def checkpointing(self, on: bool) -> None:
         self._checkpointing = bool(on)
-        for m in self._spectral:  # σReparam's power step moves out of the recomputed region (see spectral.py)
-            m.advance_in_forward = not on
+        self._sync_spectral()
+
+    @property
+    def spectral_advance(self) -> bool:
+        """Whether this block's σReparam layers take a power-iteration step in the next training forward.
+
+        The trainer turns it on for the first micro-batch of a step only, so σ advances once per optimisation
+        step on every rank, however many micro-batches a rank computes (one group or several).
+        """
+        return self._spectral_advance
+
+    @spectral_advance.setter
+    def spectral_advance(self, on: bool) -> None:
+        self._spectral_advance = bool(on)
+        self._sync_spectral()
+
+    def _sync_spectral(self) -> None:
+        for m in self._spectral:  # under checkpointing the power step moves out of the recomputed region
+            m.advance_in_forward = self._spectral_advance and not self._checkpointing
 
     def forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
         """x: [B, prefix + h*w, D]; window_size 0 = global; grid = (h, w) of the patch tokens."""
         if self._checkpointing:
-            for m in self._spectral:  # their own forward does not advance while checkpointing is on
-                if m.training:
-                    m.power_step()
+            if self._spectral_advance:
+                for m in self._spectral:  # their own forward does not advance while checkpointing is on
+                    if m.training:
+                        m.power_step()
             if torch.is_grad_enabled():
                 # non-reentrant: works inside FSDP2 units; the RNG state is replayed, so DropPath masks match
                 return torch.utils.checkpoint.checkpoint(self._forward, x, window_size, grid, use_reentrant=False)
@@ -206,6 +225,11 @@ class RadioStudent(nn.Module):
         """Recompute every block's activations in backward (True) or keep them (False), from the next forward."""
         for blk in self.blocks:
             blk.checkpointing = bool(on)
+
+    def set_spectral_advance(self, on: bool) -> None:
+        """σReparam: take a power-iteration step in the next training forward (True) or reuse the estimate."""
+        for blk in self.blocks:
+            blk.spectral_advance = bool(on)
 
     def forward(self, images: torch.Tensor, window_size: Optional[int] = None) -> StudentOutput:
         """images [B, 3, H, W] (H, W multiples of the patch size); window_size None/0: global attention."""

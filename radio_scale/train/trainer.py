@@ -21,8 +21,9 @@ from radio_scale.config import RunConfig, config_to_dict, config_to_yaml, flatte
 from radio_scale.distributed.env import DistEnv
 from radio_scale.distributed.parallel import shard_student
 from radio_scale.distributed.plan import group_active, make_plan
-from radio_scale.losses import build_balancer, spatial_loss, summary_loss, term_weights
+from radio_scale.losses import build_balancer, crop_to_content, spatial_loss, summary_loss, term_weights
 from radio_scale.models import AdaptorHeads, build_student
+from radio_scale.models.heads import zero_link
 from radio_scale.monitoring.heartbeat import Heartbeat
 from radio_scale.monitoring.nan_guard import NanGuard
 from radio_scale.monitoring.progress import StepProgress
@@ -32,7 +33,7 @@ from radio_scale.monitoring.watchdog import Watchdog
 from radio_scale.teachers.spec import teacher_spec
 from radio_scale.train.checkpoint import Checkpointer, checkpoint_world_size, latest_complete
 from radio_scale.train.export import export_student
-from radio_scale.train.optim import build_optimizer, lr_at, set_lr
+from radio_scale.train.optim import build_optimizer, run_lr_at, set_lr
 from radio_scale.train.preemption import PreemptionFlag
 from radio_scale.train.stage import StageRuntime, build_stage, stage_at, stage_bounds
 
@@ -50,9 +51,10 @@ class DistillModel(nn.Module):
         self.heads = heads
         self.balancer = balancer
 
-    def forward(self, images: torch.Tensor, window_size: int = 0) -> dict:
-        """Every head's prediction for `images` (the root forward, so FSDP gathers the root's parameters)."""
-        return self.heads(self.student(images, window_size=window_size))
+    def forward(self, images: torch.Tensor, window_size: int = 0, names=None) -> dict:
+        """The predictions of the heads in `names` (None: all) for `images`; the other heads run on one token
+        and join the backward with zero gradients (the root forward, so FSDP gathers the root's parameters)."""
+        return self.heads(self.student(images, window_size=window_size), names)
 
 
 @dataclass
@@ -217,7 +219,7 @@ class Trainer:
         window = self.window_size(self.step)
         active = {g.name: group_active(cfg.seed, rt.index, self.step, g.name, g.sampling_rate) for g in rt.plan.groups}
         n_samples = sum(g.batch_per_rank * len(g.ranks) for g in rt.plan.groups if active[g.name])
-        n_global = max(n_samples, 1)
+        denominators = loss_denominators(rt.plan.groups, active, cfg.loss.reduction)
         weights, regularizer = loss_weights(self.model.balancer)
         sums = torch.zeros(2 * len(self.terms), device=dev)  # per term: sum over samples, number of samples
         for i in range(rt.micro_steps):
@@ -228,31 +230,34 @@ class Trainer:
                 images = batch.student.to(dev, non_blocking=True)
                 with torch.no_grad():
                     targets = {n: rt.teachers[n](batch.teachers[n].to(dev, non_blocking=True)) for n in g.teachers}
+                names = list(g.teachers)
             else:  # SPMD: a rank with nothing to do this micro-step still joins every collective, with zero loss
                 res = min(gp.resolution for gp in rt.plan.groups)
-                images, targets = torch.zeros(1, 3, res, res, device=dev), {}
-            # activation checkpointing as the plan chose for this group (a rank may compute several groups)
+                images, targets, names = torch.zeros(1, 3, res, res, device=dev), {}, None
+            # activation checkpointing as the plan chose for this group (a rank may compute several groups);
+            # σReparam advances once per step, in the first micro-batch, on every rank
             self.model.student.set_activation_checkpointing(real and g.activation_checkpointing)
+            self.model.student.set_spectral_advance(i == 0)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(i == rt.micro_steps - 1)
-            preds = self.model(images, window_size=window)
+            preds = self.model(images, window_size=window, names=names)
             loss = torch.zeros((), device=dev)
-            for name, pred in preds.items():
-                tgt = targets.get(name)
-                if tgt is None:  # head unused on this rank: zero gradient, but it takes part in the reduce
-                    loss = loss + 0.0 * sum(p.float().sum() for p in (pred.summary, pred.spatial) if p is not None)
-                    continue
+            if not targets:  # every head ran for the collectives; none of it is a loss
+                loss = loss + zero_link(*(p for pr in preds.values() for p in pr if p is not None)).float()
+            for name, tgt in targets.items():
+                pred = preds[name]
                 per_term = {}
                 if pred.summary is not None and tgt.summary is not None:
                     per_term[f"{name}/summary"] = summary_loss(pred.summary.float(), tgt.summary.float())
-                per_term[f"{name}/spatial"] = spatial_loss(pred.spatial.float(), tgt.spatial.float(),
-                                                           cfg.loss.alpha, cfg.loss.beta)
+                # a padded teacher view (SAM): its map is cropped to the image content, as the student saw it
+                target_map = crop_to_content(tgt.spatial.float(), batch.content.get(name))
+                per_term[f"{name}/spatial"] = spatial_loss(pred.spatial.float(), target_map, cfg.loss.alpha, cfg.loss.beta)
                 for k, v in per_term.items():
                     j = self.terms.index(k)
                     sums[j] += v.detach().sum()  # stays on the device: no sync per term
                     sums[len(self.terms) + j] += v.numel()
-                    # global per-sample mean: this rank's sum over the global sample count
-                    loss = loss + weights[k] * v.sum() / n_global
+                    # this rank's share of the term's mean over the step (loss.reduction: per teacher or per sample)
+                    loss = loss + weights[k] * v.sum() / denominators[name]
             if self.step + 1 in cfg.monitor.inject_nan_steps and self.step + 1 not in self._injected:
                 loss = loss * float("nan")  # fault drill (monitor.inject_nan_steps)
             # balancer parameters (uncertainty) get a gradient on every rank; the regulariser counts once
@@ -276,14 +281,16 @@ class Trainer:
         term_sum, term_n = vec[:k], vec[k: 2 * k]
         terms = {t: float(term_sum[j] / term_n[j]) for j, t in enumerate(self.terms) if term_n[j] > 0}
         weights = {t: float(w) for t, w in loss_weights(self.model.balancer)[0].items()}
-        total = float(sum(weights[t] * term_sum[j] for j, t in enumerate(self.terms)) / n_global)
+        if self.cfg.loss.reduction == "per_teacher":  # the sum of the weighted term means
+            total = float(sum(weights[t] * term_sum[j] / term_n[j] for j, t in enumerate(self.terms) if term_n[j] > 0))
+        else:
+            total = float(sum(weights[t] * term_sum[j] for j, t in enumerate(self.terms)) / n_global)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         finite = math.isfinite(total) and math.isfinite(grad_norm)
         if apply and finite and n_samples > 0:  # no group sampled this step: nothing to learn from
-            rt = self.stage
-            set_lr(self.optimizer, lr_at(self.step - rt.start_step, self.cfg.stages[rt.index], self.cfg.optim))
+            set_lr(self.optimizer, run_lr_at(self.step, self.cfg.stages, self.cfg.optim))
             self.optimizer.step()
             if hasattr(self.model.balancer, "update"):  # AdaLoss: statistics from the globally reduced terms
                 self.model.balancer.update(terms)
@@ -476,6 +483,26 @@ class Trainer:
         self._logged_until = self.step
         if self.step % self.cfg.tracking.log_every == 0 or self.step == self.cfg.total_steps:
             self.tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step", "time")}, step=self.step)
+
+
+def loss_denominators(groups, active: dict, reduction: str) -> dict[str, int]:
+    """What each teacher's summed per-sample terms are divided by in this step.
+
+    per_teacher: the number of samples that carried the teacher in this step over all ranks (the groups that
+    hold it and were sampled), so each term is that teacher's per-sample mean and its weight λ_i / γ_i is
+    the weight it has in the objective, whatever share of the batch it sees (the paper's γ_i = 1).
+    per_sample: the step's global sample count, the same for every teacher (a teacher seen by 64 of 1,088
+    samples then weighs 64/1,088 of a teacher seen by all).
+    """
+    n_global = max(1, sum(g.batch_per_rank * len(g.ranks) for g in groups if active[g.name]))
+    out: dict[str, int] = {}
+    for g in groups:
+        for t in g.teachers:
+            n = g.batch_per_rank * len(g.ranks) if active[g.name] else 0
+            out[t] = out.get(t, 0) + n
+    if reduction == "per_sample":
+        return {t: n_global for t in out}
+    return {t: max(n, 1) for t, n in out.items()}
 
 
 def loss_weights(balancer) -> tuple[dict, torch.Tensor]:

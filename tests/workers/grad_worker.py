@@ -22,7 +22,7 @@ def main(out: str, run_dir: str, overrides: list[str]) -> None:
         if g is None:
             continue
         grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    mine = {g: {"student": b.student, "teachers": b.teachers} for g, b in batches.items()}
+    mine = {g: {"student": b.student, "teachers": b.teachers, "content": b.content} for g, b in batches.items()}
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.rank == 0:
