@@ -45,6 +45,14 @@ _LAZY = {
     "train_linear_probe": "radio_scale.eval.segprobe",
     "write_segmentation_folder": "radio_scale.eval.datasets",
     "zeroshot_classify": "radio_scale.eval.zeroshot",
+    # dataset scale: streamed splits, many processes (accelerate)
+    "CocoInstances": "radio_scale.eval.segdata",
+    "StreamingTopK": "radio_scale.eval.scale",
+    "classification_splits": "radio_scale.eval.streams",
+    "knn_streaming": "radio_scale.eval.scale",
+    "seg_splits": "radio_scale.eval.segdata",
+    "segprobe_streaming": "radio_scale.eval.scale",
+    "zeroshot_streaming": "radio_scale.eval.scale",
 }
 
 __all__ = sorted(_LAZY)

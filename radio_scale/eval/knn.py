@@ -35,7 +35,10 @@ def knn_scores(
     out = []
     for start in range(0, test.shape[0], batch_size):
         sim = test[start:start + batch_size] @ train.T  # cosine similarity [b, N_train]
-        top_sim, top_idx = sim.topk(k, dim=1)
+        # stable sort: equal cosines go to the smaller training index (as the streamed k-NN does), so that
+        # degenerate images (an all-black one has cosine 0 to everything) get the same neighbours everywhere
+        top_idx = sim.argsort(dim=1, descending=True, stable=True)[:, :k]
+        top_sim = sim.gather(1, top_idx)
         weights = (top_sim.double() / T).exp()  # float64: exp(1/T) overflows fp32 below T ~ 0.011
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
         votes.scatter_add_(1, labels[top_idx], weights)

@@ -72,6 +72,38 @@ def knn_task(student, heads, data: ClassificationSet, resolution: int, head: str
     return table
 
 
+def knn_stream_task(student, heads, train, val, resolution: int, head: str, teachers: Sequence = (), k: int = 20,
+                    T: float = 0.07, source: str = "head", state=None, batch_size: int = 64,
+                    num_workers: int = 0) -> Table:
+    """knn_task on streamed splits (radio_scale.eval.streams), over all processes; one pass for every encoder."""
+    from radio_scale.eval.scale import knn_streaming
+
+    row = f"student/{source}/{head}"
+    encoders = {row: student_summary_encoder(student, heads, head, resolution, source)}
+    for teacher in teachers:
+        encoders[f"teacher/{teacher.name}"] = teacher_summary_encoder(teacher)
+    table: Table = knn_streaming(encoders, train, val, state, k, T, batch_size=batch_size, num_workers=num_workers)
+    for teacher in teachers:
+        t = table[f"teacher/{teacher.name}"]
+        if teacher.name == head and t["top1"] > 0:
+            table[row]["top1_vs_teacher"] = table[row]["top1"] / t["top1"]
+    return table
+
+
+def zeroshot_stream_task(student, heads, clip_teacher, val, resolution: int, templates=None, state=None,
+                         batch_size: int = 64, num_workers: int = 0) -> Table:
+    """zeroshot_task on a streamed held-out split, over all processes."""
+    from radio_scale.eval.scale import zeroshot_streaming
+    from radio_scale.eval.zeroshot import build_zeroshot_classifier
+
+    if not val.classnames:
+        raise ValueError(f"zero-shot: the split {val.name} has no class names (pass --classnames imagenet or a file)")
+    classifier = build_zeroshot_classifier(clip_teacher, val.classnames, templates)
+    encoders = {f"student/{clip_teacher.name}": student_summary_encoder(student, heads, clip_teacher.name, resolution),
+                f"teacher/{clip_teacher.name}": clip_image_encoder(clip_teacher)}
+    return zeroshot_streaming(encoders, {n: classifier for n in encoders}, val, state, batch_size, num_workers)
+
+
 def zeroshot_task(student, heads, clip_teacher, data: ClassificationSet, resolution: int,
                   templates=None, batch_size: int = 64) -> Table:
     """Zero-shot top-1/top-5 through the student's CLIP summary head and through the CLIP teacher itself."""
@@ -190,3 +222,51 @@ def pictures_task(student, heads, teachers: Sequence, image: torch.Tensor, resol
         written.append(plot_loss_curves(run_dir, out_dir / "loss_curves.png"))
     log_pictures(written, tracker)
     return written
+
+
+def segprobe_stream_task(student, heads, train, val, resolution: int, features: Sequence[Optional[str]] = (None,),
+                         teachers: Sequence = (), probe_cfg=None, state=None, cache_dir=None, batch_size: int = 16,
+                         num_workers: int = 0) -> Table:
+    """segprobe_task on streamed ADE20K / VOC splits (radio_scale.eval.segdata), over all processes."""
+    from radio_scale.eval.scale import segprobe_streaming
+
+    encoders = {f"student/{f or 'backbone'}": student_spatial_encoder(student, heads, f, resolution) for f in features}
+    for t in teachers:
+        encoders[f"teacher/{t.name}"] = teacher_spatial_encoder(t)
+    return segprobe_streaming(encoders, train, val, train.num_classes, state, probe_cfg, cache_dir, batch_size,
+                              num_workers)
+
+
+def sam_coco_task(student, heads, sam_teacher, coco, resolution: int, state=None) -> Table:
+    """SAM drop-in on COCO instances: each object's box prompts SAM's decoder on the student's embedding and on the
+    teacher's; mask IoU student vs teacher (agreement) and both vs the COCO mask. Images split over processes."""
+    from collections import Counter
+
+    from tqdm.auto import tqdm
+
+    from radio_scale.eval.sam_dropin import evaluate_sam_dropin
+    from radio_scale.eval.scale import process_state, sum_counters, sum_tensor
+
+    state = state or process_state()
+    enc = student_spatial_encoder(student, heads, sam_teacher.name, resolution, resize_mode="longest_pad")
+    with state.split_between_processes(list(range(len(coco)))) as mine:
+        mine = list(mine)
+    sums = torch.zeros(5, dtype=torch.float64)  # agreement, logit_se, student_gt, teacher_gt, masks
+    skipped: Counter = Counter()
+    for i in tqdm(mine, desc="SAM drop-in", disable=not state.is_main_process, mininterval=2.0, leave=False):
+        item = coco.load(i, skipped)
+        if item is None:
+            continue
+        m = evaluate_sam_dropin(enc, sam_teacher, [item.image], gt_masks=[item.masks], boxes=[item.boxes])
+        n = m["num_masks"]
+        sums += torch.tensor([m["agreement_iou"] * n, m["logit_mse"] * n, m["student_gt_iou"] * n,
+                              m["teacher_gt_iou"] * n, n], dtype=torch.float64)
+    sums = sum_tensor(state, sums)
+    skipped = sum_counters(state, skipped)
+    skipped.update(coco.skipped)
+    n = float(sums[4])
+    if n == 0:
+        raise ValueError(f"SAM drop-in: no COCO object could be evaluated (skipped: {dict(skipped) or 'none'})")
+    return {f"student/{sam_teacher.name}": {
+        "agreement_iou": float(sums[0] / n), "logit_mse": float(sums[1] / n), "student_gt_iou": float(sums[2] / n),
+        "teacher_gt_iou": float(sums[3] / n), "num_masks": n, "skipped": float(sum(skipped.values()))}}
