@@ -60,7 +60,9 @@ def step_flops(cfg, trainer) -> dict[str, float]:
     g = cfg.stages[0].groups[0]
     n_summary = len(trainer.model.student.summary_teachers)
     grid = g.resolution // trainer.model.student.patch_size
-    student = 3 * student_forward_flops(cfg.student, g.resolution, num_summary_tokens=n_summary)
+    own = getattr(trainer.model.student, "forward_flops", None)  # E-RADIO / timm students: their own count
+    student = 3 * (own(g.resolution) if own else
+                   student_forward_flops(cfg.student, g.resolution, num_summary_tokens=n_summary))
     heads = 3 * head_forward_flops(trainer.model.heads, 1, grid * grid)
     teachers = sum(teacher_spec(cfg.teacher(n)).forward_gflops * 1e9 for n in g.teachers)
     return {"student fwd+bwd": g.batch_per_rank * student, "heads fwd+bwd": g.batch_per_rank * heads,

@@ -34,7 +34,9 @@ def build_from_state(cfg: RunConfig, state: dict[str, torch.Tensor], where: str,
     from radio_scale.teachers.spec import teacher_spec
 
     specs = [teacher_spec(t) for t in cfg.teachers]
-    student = build_student(cfg.student, [s.name for s in specs if s.has_summary])
+    from radio_scale.models.registry import build_any_student  # ViT presets, E-RADIO, timm:<name>
+
+    student = build_any_student(cfg.student, [s.name for s in specs if s.has_summary])
     heads = AdaptorHeads(student.embed_dim, specs)
     for prefix, module in (("student.", student), ("heads.", heads)):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

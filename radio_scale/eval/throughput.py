@@ -118,7 +118,11 @@ def flop_crosscheck(model: nn.Module, arch, resolution: int, num_summary_tokens:
     """
     from radio_scale.models.flops import student_forward_flops
 
-    analytic = student_forward_flops(arch, resolution, window_size=window_size, num_summary_tokens=num_summary_tokens)
+    if hasattr(model, "forward_flops"):  # E-RADIO / timm students report their own count (registry contract)
+        analytic = model.forward_flops(resolution)
+    else:
+        analytic = student_forward_flops(arch, resolution, window_size=window_size,
+                                         num_summary_tokens=num_summary_tokens)
     kwargs = {"window_size": window_size or None} if window_size else {}
     counted = count_flops(model, torch.zeros(1, 3, resolution, resolution), **kwargs)
     return {

@@ -13,6 +13,9 @@ _LAZY = {
     "build_student": "radio_scale.models.student",
     "CroppedPosEmbed": "radio_scale.models.cpe",
     "SpectralLinear": "radio_scale.models.spectral",
+    "build_any_student": "radio_scale.models.registry",
+    "ERadioStudent": "radio_scale.models.eradio",
+    "TimmStudent": "radio_scale.models.backbones",
     "AdaptorHeads": "radio_scale.models.heads",
     "HeadOutput": "radio_scale.models.heads",
 }
