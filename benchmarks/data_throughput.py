@@ -74,6 +74,7 @@ def smoke_step_ips(steps: int = 6) -> float:
     batches = [next(loader) for _ in range(steps + 1)]  # data time excluded: this is the consumer alone
 
     def step(batch) -> None:
+        batch = batch.normalized()  # uint8 views -> float32, as the trainer does on its device
         with torch.no_grad():
             targets = {n: t(batch.teachers[n]) for n, t in teachers.items()}
         preds = model(batch.student, window_size=0)

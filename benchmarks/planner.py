@@ -67,8 +67,10 @@ def markdown(rows: list[list[str]], memory_gb: float, tflops: float) -> str:
         f"(two_stage_auto.yaml: SAM batch tunable). Assumed device: {memory_gb:g} GB, {tflops:g} TFLOPS bf16 x "
         f"{DEFAULT_MFU:g} MFU (uniform, so utilisation does not depend on it). Student window sizes (0, 8, 16) are",
         "averaged per step. Per-rank memory: fp32 params/grads/AdamW sharded over the world (16 B/param), bf16",
-        "activations at 34 B/token/channel/block without activation checkpointing (2 with), bf16 teachers sharded",
-        "or replicated as configured, SAM's explicit attention matrices, 3 GB runtime overhead (cost.py).",
+        "activations at 34 B/token/channel/block without activation checkpointing (2 with), bf16 teachers (`auto`:",
+        "replicated where the group fits, which all four do on 80 GB; else FSDP-sharded, largest first, their",
+        "all-gathers counted at `hardware.interconnect_gbps`), SAM's explicit attention matrices, 3 GB runtime",
+        "overhead (cost.py).",
         "",
         "- utilisation: busy rank-time / (ranks x slowest group's step time); 1.0 = no rank waits.",
         "- goodput: the same without the recompute of activation checkpointing (useful work only).",

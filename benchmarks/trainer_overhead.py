@@ -72,6 +72,7 @@ class ReferenceLoop:
     def step(self, batch) -> tuple[float, float]:
         """One optimisation step on `batch`; returns (loss, grad norm) as Python floats."""
         t0 = time.perf_counter()
+        batch = batch.normalized()  # uint8 views -> float32, as Trainer.train_step does
         with torch.no_grad():
             targets = {n: t(batch.teachers[n]) for n, t in self.teachers.items()}
         preds = self.model(batch.student, window_size=0)

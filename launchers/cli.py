@@ -3,22 +3,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from radio_scale.config import ConfigError, config_to_yaml, load_config
+from radio_scale.config import ConfigError, config_to_yaml, load_config, recipe_path
 from radio_scale.launchers.cluster import CLUSTER_ENV, ClusterConfig, cluster_source, load_cluster
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1 ", " ".join(message.split()))
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="radio-launch",
         description="Launch an AM-RADIO distillation: locally (default) or on SLURM through submitit.",
         epilog="Overrides are dotted keys: radio-launch --recipe smoke optim.lr=5e-4 stages.0.steps=20",
     )
     p.add_argument("--recipe", default="smoke", help="shipped recipe name (smoke, two_stage, ...) or a YAML path")
-    p.add_argument("--nodes", type=int, default=1, help="nodes; ranks = nodes x the cluster's tasks_per_node")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes; ranks = nodes x the cluster's tasks_per_node")
     p.add_argument("--cluster", default=None,
                    help=f"cluster YAML (default: ${CLUSTER_ENV} if set, else this machine, see cluster_configs/local.yaml)")
     p.add_argument("--name", default=None, help="run name (the run directory is <run_root>/<name>)")
@@ -83,9 +103,12 @@ def main(argv=None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
-        plans = plan_all(cfg, world)
+        try:
+            plans = plan_all(cfg, world)
+        except ValueError as e:  # e.g. a group asking for more ranks than the world has: name the recipe file
+            raise ConfigError(f"{recipe_path(args.recipe)}: {e}") from None
     except (ConfigError, ValueError) as e:
-        print(f"radio-launch: {e}", file=sys.stderr)
+        print(f"radio-launch: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
 
     if args.dry_run:

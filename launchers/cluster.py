@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-
-from radio_scale.config.loader import ConfigError, _build
+from radio_scale.config.loader import ConfigError, _build, read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -63,17 +61,18 @@ def load_cluster(path: Optional[str]) -> ClusterConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"cluster config not found: {path}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: is not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml_file(p, "cluster")
+    if raw is None:
+        raw = {}  # an empty cluster file: every default
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a cluster file must be a mapping of keys, got a {type(raw).__name__}")
     cfg = _build(ClusterConfig, raw, "", str(path))
     for key in ("tasks_per_node", "cpus_per_task", "time_limit_min"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {getattr(cfg, key)}")
     if cfg.gpus_per_node < 0 or cfg.max_requeues < 0 or cfg.signal_delay_s < 0:
         raise ConfigError(f"{path}: keys 'gpus_per_node', 'max_requeues', 'signal_delay_s' must be >= 0")
-    for key in ("gpu_memory_gb", "gpu_tflops"):
+    for key in ("gpu_memory_gb", "gpu_tflops", "mem_per_task_gb", "threads_per_rank"):
         value = getattr(cfg, key)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")

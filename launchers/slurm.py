@@ -5,6 +5,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,9 @@ def slurm_parameters(cluster: ClusterConfig, nodes: int, job_name: str) -> dict:
         "signal_delay_s": cluster.signal_delay_s,
         "setup": list(cluster.setup),
         "stderr_to_stdout": True,
+        # srun does not inherit sbatch's --cpus-per-task on recent SLURM (>= 22.05): without it on the srun line
+        # every rank and its data workers share one core
+        "srun_args": [f"--cpus-per-task={cluster.cpus_per_task}"],
     }
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
@@ -57,12 +61,14 @@ class SlurmRankJob:
     stops after its second occurrence instead of burning every requeue.
     """
 
-    def __init__(self, config_path: str, run_dir: str, max_requeues: int, env: dict, threads: Optional[int]):
+    def __init__(self, config_path: str, run_dir: str, max_requeues: int, env: dict, threads: Optional[int],
+                 device: str = "auto"):
         self.config_path = config_path
         self.run_dir = run_dir
         self.max_requeues = max_requeues
         self.env = dict(env)
         self.threads = threads
+        self.device = device  # the cluster file's `device`: cuda makes a rank without a usable GPU refuse to start
         self.checkpoint_dir: Optional[str] = None  # the config's checkpoint.dir, known once the config is loaded
 
     def __call__(self) -> str:
@@ -76,7 +82,8 @@ class SlurmRankJob:
         self.checkpoint_dir = cfg.checkpoint.dir
         try:
             status = run_rank(cfg, Path(self.run_dir), on_preempted=lambda: self._requeue("preempted"),
-                              on_hang=lambda report: self._requeue(f"rank {report['rank']} hung", failure=True))
+                              on_hang=lambda report: self._requeue(f"rank {report['rank']} hung", failure=True),
+                              device=getattr(self, "device", "auto"))
         except Exception as e:  # a crash anywhere reaches rank 0 as a collective error: it requeues (bounded)
             if os.environ.get("SLURM_PROCID", "0") == "0":
                 self._requeue(f"failed: {type(e).__name__}: {e}"[:300], failure=True)
@@ -91,8 +98,9 @@ class SlurmRankJob:
         Not requeued: outside SLURM, when the budget (`max_requeues`) is spent, or when `failure` (a crash or a
         hang, not a preemption) happens at the same step as this job's previous failure with no progress in
         between (the step: `progress_step` of the run directory, recorded with every requeue). Each refusal is
-        a `failed` event saying why. After a hang several ranks may ask at once: the first decides, the others
-        see its decision for this job and restart count in requeues.json and do nothing.
+        a `failed` event saying why. After a hang every rank's watchdog asks at once: one rank owns the decision
+        for this job and restart count (the first to create its claim file, `_claim`) and is the only one that
+        writes requeues.json, the event and calls scontrol; the others read at most and do nothing.
         """
         from radio_scale.monitoring.rundir import (REQUEUES, append_event, progress_step, read_json, record_requeue,
                                                    record_requeue_stopped)
@@ -110,6 +118,8 @@ class SlurmRankJob:
             stopped = state.get("stopped")
             if isinstance(stopped, dict) and stopped.get("job_id") == job_id and stopped.get("restart") == done:
                 return False  # another rank already decided not to
+        if job_id is not None and not self._claim(job_id, done, rank):
+            return False  # another rank of this job owns the decision (and the shared files) for this restart
         step = progress_step(self.run_dir, self.checkpoint_dir)
         failures = [h["step"] for h in this_job if h.get("cause") == "failure" and isinstance(h.get("step"), int)]
         refusal = None
@@ -136,6 +146,19 @@ class SlurmRankJob:
             return False
         return True
 
+    def _claim(self, job_id: str, restart: int, rank: int) -> bool:
+        """Whether this rank owns the requeue decision of (job, restart): an exclusive create on the shared disk,
+        so exactly one of the ranks asking at once writes the shared files (no read-modify-write race)."""
+        folder = Path(self.run_dir) / "slurm" / "requeue_claims"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder / f"{job_id}_{restart}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"rank {rank} pid {os.getpid()} time {time.time():.3f}\n")
+        return True
+
     def checkpoint(self):
         """submitit's hook when a signal arrives before training installed its own handler: requeue as is."""
         import submitit
@@ -153,5 +176,6 @@ def submit(cluster: ClusterConfig, nodes: int, config_path: Path, run_dir: Path,
     executor.update_parameters(**slurm_parameters(cluster, nodes, job_name))
     env = dict(cluster.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    job = executor.submit(SlurmRankJob(str(config_path), str(run_dir), cluster.max_requeues, env, cluster.threads_per_rank))
+    job = executor.submit(SlurmRankJob(str(config_path), str(run_dir), cluster.max_requeues, env,
+                                       cluster.threads_per_rank, device=cluster.device))
     return job

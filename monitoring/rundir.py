@@ -5,6 +5,7 @@
 <run_dir>/plan.json                       rank plan (launcher writes): {"world_size", "stages": [{"name","steps","groups"}]}
 <run_dir>/heartbeats/rank_00000.json      per-rank heartbeat (atomic replace)
 <run_dir>/events.jsonl                    append-only events {"time","rank","kind","message",...}
+<run_dir>/bad_shards/<hash>               one file per bad data shard (its name), so it is named in one event per run
 <run_dir>/metrics.jsonl                   rank-0 step metrics
 <run_dir>/checkpoints/step_000000120/     DCP checkpoints; complete ones hold `.complete` (json: step, stage, time)
 <run_dir>/stacks/rank_00003_<time>.txt    faulthandler dumps of a hung rank
@@ -38,12 +39,13 @@ STACKS_DIR = "stacks"
 HANG_MARKER = "HANG"
 FAILED_MARKER = "FAILED"
 REQUEUES = "requeues.json"
+BAD_SHARDS_DIR = "bad_shards"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 
 EVENT_KINDS = (
     "start", "resume", "requeue", "preempt", "checkpoint", "nan_skip", "nan_rollback",
-    "hang", "straggler", "finished", "failed",
+    "hang", "straggler", "finished", "failed", "bad_shard", "phi_s",
 )
 # Kinds an operator must look at; the others are the run's normal life.
 ALERT_KINDS = ("requeue", "preempt", "nan_skip", "nan_rollback", "hang", "straggler", "failed")
@@ -122,6 +124,28 @@ def append_event(run_dir: PathLike, kind: str, rank: int, message: str, **extra:
               "host": socket.gethostname(), "pid": os.getpid(), **extra}
     append_jsonl(Path(run_dir) / EVENTS, record)
     return record
+
+
+def claim_bad_shard(run_dir: PathLike, shard: str) -> bool:
+    """True for the first caller, over every rank and every restart of the run, that claims `shard`.
+
+    An exclusive create of <run_dir>/bad_shards/<hash of the name>: the rank that wins names the shard in a
+    `bad_shard` event, so each bad shard appears in events.jsonl once however many ranks (and resumes) meet it.
+    """
+    import hashlib
+
+    folder = Path(run_dir) / BAD_SHARDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / hashlib.sha1(shard.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, shard.encode("utf-8", "surrogateescape") + b"\n")
+    finally:
+        os.close(fd)
+    return True
 
 
 def read_jsonl(path: PathLike, tail_bytes: Optional[int] = None) -> list[dict]:

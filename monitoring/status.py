@@ -9,6 +9,10 @@ State, first match wins:
   starting  no heartbeat yet: queued, or started less than the startup timeout ago
   running   otherwise
 
+Data: the `data/*` counters of the newest metrics record (cumulative over the run: seen, used, skipped = unusable
+samples + shard failures, skipped/<reason>), and the bad shards named in `bad_shard` events (each shard once per
+run; the count is the number of files in <run_dir>/bad_shards/).
+
 ETA uses the step rate between the `time` fields of metrics.jsonl records since the last start/resume
 (so checkpoint and logging overhead count), else their mean `step_time`, else the heartbeats' median.
 """
@@ -23,7 +27,7 @@ from typing import Any, Optional
 
 from .heartbeat import read_heartbeats
 from .rundir import (
-    ALERT_KINDS, CHECKPOINTS_DIR, CONFIG, FAILED_MARKER, HANG_MARKER, METRICS, PLAN, REQUEUES,
+    ALERT_KINDS, BAD_SHARDS_DIR, CHECKPOINTS_DIR, CONFIG, FAILED_MARKER, HANG_MARKER, METRICS, PLAN, REQUEUES,
     PathLike, complete_checkpoints, read_events, read_json, read_jsonl,
 )
 from .stragglers import find_stragglers
@@ -32,6 +36,8 @@ LIFECYCLE_KINDS = ("start", "resume", "finished", "failed")
 STALE_GRACE_S = 60.0
 DEFAULT_STALE_S = 600.0
 ALERTS_SHOWN = 10
+BAD_SHARDS_SHOWN = 5  # in the table
+BAD_SHARDS_KEPT = 100  # in RunStatus.bad_shards (--json)
 RATE_WINDOW = 50  # metrics records used for the step rate
 
 
@@ -61,6 +67,8 @@ class RunStatus:
     requeues: int = 0
     stragglers: list = field(default_factory=list)  # [{rank, step_time, median, ratio}]
     data: dict = field(default_factory=dict)  # data/* counters of the last metrics record
+    bad_shard_count: int = 0  # distinct bad shards named so far (over every rank and restart)
+    bad_shards: list = field(default_factory=list)  # [{shard, reasons, rank, step, time}] from events, the newest 100
     alerts: list = field(default_factory=list)  # newest last
     ranks: list = field(default_factory=list)  # [{rank, host, pid, step, stage, phase, loss, step_time, age_s, stale}]
     time: float = 0.0
@@ -198,6 +206,14 @@ def collect_status(run_dir: PathLike, now: Optional[float] = None, stale_after: 
         last_ckpt = {"step": info.get("step"), "stage": info.get("stage"), "path": str(path),
                      "time": info.get("time"), "age_s": now - info["time"] if isinstance(info.get("time"), (int, float)) else None}
 
+    bad = [{"shard": e.get("shard"), "reasons": e.get("reasons") if isinstance(e.get("reasons"), dict) else {},
+            "rank": e.get("rank"), "step": e.get("step"), "time": e.get("time")}
+           for e in events if e.get("kind") == "bad_shard"]
+    try:
+        bad_count = max(len(bad), sum(1 for _ in (run_dir / BAD_SHARDS_DIR).iterdir()))
+    except OSError:
+        bad_count = len(bad)
+
     requeue_info = read_json(run_dir / REQUEUES)
     requeues = int(requeue_info.get("count", 0)) if isinstance(requeue_info, dict) else 0
 
@@ -220,6 +236,7 @@ def collect_status(run_dir: PathLike, now: Optional[float] = None, stale_after: 
         images_per_s=last.get("images_per_s"), seconds_per_step=per_step, eta_s=eta, last_checkpoint=last_ckpt,
         requeues=requeues, stragglers=stragglers,
         data={k: v for k, v in last.items() if k.startswith("data/")},
+        bad_shard_count=bad_count, bad_shards=bad[-BAD_SHARDS_KEPT:],
         alerts=[e for e in events if e.get("kind") in ALERT_KINDS][-ALERTS_SHOWN:],
         ranks=ranks, time=now,
     )
@@ -244,6 +261,10 @@ def format_duration(seconds: Optional[float]) -> str:
 
 STATE_STYLE = {"running": "bold green", "starting": "cyan", "finished": "bold blue", "failed": "bold red",
                "hung": "bold red", "stale": "bold yellow"}
+
+
+def _count(x: Any) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -278,7 +299,14 @@ def render_status(st: RunStatus) -> Any:
     over.add_row("requeues", str(st.requeues))
     over.add_row("stragglers", ", ".join(f"rank {s['rank']} {s['step_time']:.2f}s ({s['ratio']:.1f}x median "
                                          f"{s['median']:.2f}s)" for s in st.stragglers) or "none")
-    over.add_row("data", ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in st.data.items()) or "-")
+    over.add_row("data", ", ".join(f"{k.removeprefix('data/')}={_count(v)}" for k, v in st.data.items()
+                                   if not (k.startswith("data/skipped/") and v == 0)) or "-")
+    if st.bad_shard_count:
+        newest = "; ".join(f"{b['shard']} ({', '.join(f'{r} x{n}' for r, n in b['reasons'].items())})"
+                           for b in st.bad_shards[-BAD_SHARDS_SHOWN:])
+        over.add_row("bad shards", f"{st.bad_shard_count}" + (f", newest: {newest}" if newest else ""))
+    else:
+        over.add_row("bad shards", "none")
     parts: list = [over]
 
     if st.alerts:

@@ -5,10 +5,18 @@ trainer calls it unconditionally. The MLflow run id travels in checkpoints: a re
 `start(run_id)` and keeps logging into THE SAME run. The store defaults to `sqlite:///<run_dir>/mlflow.db`;
 any MLflow URI works, including a shared `mlflow server` (`http://host:5000`), which is what several
 nodes should use when each logs its own system metrics (sqlite on a network filesystem locks badly).
+
+Logging never blocks training: metrics, tags, artifacts and the final status go through a bounded queue to one
+background sender thread, in order. While the store is unreachable (a tracking-server outage, where MLflow's
+own HTTP retries take minutes) the sender keeps the oldest call and retries it with backoff, so nothing is lost
+and later steps arrive after it, in order; `log_metrics` returns at once. `end()` (and interpreter exit) flush
+with a bounded wait (`flush_timeout_s`); what is still queued then is reported as dropped.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import queue
 import re
 import socket
 import sys
@@ -29,6 +37,8 @@ METRICS_PER_BATCH = 1000
 TRUNCATED = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+QUEUE_CALLS = 100_000  # logging calls held during an outage (about a day of steps at one call per step)
+RETRY_MAX_S = 30.0  # longest wait between two tries of the same call while the store is unreachable
 
 
 class TrackingError(RuntimeError):
@@ -55,8 +65,11 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
 class Tracker:
     """One training run's MLflow run; a no-op when `enabled` is False (ranks other than 0)."""
 
-    def __init__(self, uri: Optional[str], run_dir: PathLike, experiment: str, run_name: str, enabled: bool = True):
+    def __init__(self, uri: Optional[str], run_dir: PathLike, experiment: str, run_name: str, enabled: bool = True,
+                 flush_timeout_s: float = 60.0, queue_calls: int = QUEUE_CALLS):
         self.enabled = enabled
+        self.flush_timeout_s = flush_timeout_s
+        self._sender = _Sender(self, queue_calls) if enabled else None
         self.run_dir = Path(run_dir)
         self.uri = uri or mlflow_default_uri(run_dir)
         self.experiment = experiment
@@ -117,15 +130,40 @@ class Tracker:
                                 f"restore it (mlflow experiments restore) or choose another tracking.experiment")
         return exp.experiment_id
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Stop the system sampler and close the run as FINISHED, FAILED or KILLED (preempted: it will resume)."""
+    def end(self, status: str = "FINISHED", timeout_s: Optional[float] = None) -> bool:
+        """Stop the system sampler, close the run as FINISHED, FAILED or KILLED (preempted: it will resume) and
+        flush, waiting at most `timeout_s` (default `flush_timeout_s`); returns whether everything was sent."""
         if status not in RUN_STATUSES:
             raise ValueError(f"MLflow run status '{status}': expected one of {', '.join(RUN_STATUSES)}")
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None
         if self.enabled and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status)
+            run_id = self.run_id
+            self._submit(lambda: self._client.set_terminated(run_id, status))
+            return self.flush(timeout_s)
+        return True
+
+    def flush(self, timeout_s: Optional[float] = None) -> bool:
+        """Wait (at most `timeout_s`, default `flush_timeout_s`) until every queued logging call reached the store."""
+        if self._sender is None:
+            return True
+        return self._sender.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
+
+    @property
+    def pending(self) -> int:
+        """Logging calls queued and not yet in the store."""
+        return 0 if self._sender is None else self._sender.pending
+
+    def _submit(self, call) -> None:
+        """Queue one store call (in order); never blocks: a full queue drops the call and counts it."""
+        if self._sender is None:
+            return
+        if not self._sender.put(call):
+            self.failures += 1
+            if self.failures <= 3 or self.failures % 100 == 0:
+                print(f"[tracking] queue full ({self._sender.capacity} calls held while the store is unreachable): "
+                      f"dropped a logging call ({self.failures} so far)", file=sys.stderr, flush=True)
 
     def _require_started(self) -> None:
         if self.run_id is None:
@@ -166,8 +204,10 @@ class Tracker:
         from mlflow.entities import RunTag
 
         items = [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
-        self._guarded(lambda: [self._client.log_batch(self.run_id, tags=items[i: i + PARAMS_PER_BATCH])
-                               for i in range(0, len(items), PARAMS_PER_BATCH)])
+        run_id = self.run_id
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            part = items[i: i + PARAMS_PER_BATCH]
+            self._submit(lambda part=part: self._client.log_batch(run_id, tags=part))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> int:
         """Log metrics at `step` in batches; returns how many were logged.
@@ -196,8 +236,10 @@ class Tracker:
                 if step > self._last_step.get(key, -1):
                     self._last_step[key] = int(step)
                     batch.append(Metric(key, value, now, int(step)))
-        self._guarded(lambda: [self._client.log_batch(self.run_id, metrics=batch[i: i + METRICS_PER_BATCH])
-                               for i in range(0, len(batch), METRICS_PER_BATCH)])
+        run_id = self.run_id
+        for i in range(0, len(batch), METRICS_PER_BATCH):  # queued: an unreachable store never stalls the step
+            part = batch[i: i + METRICS_PER_BATCH]
+            self._submit(lambda part=part: self._client.log_batch(run_id, metrics=part))
         return len(batch)
 
     def log_artifact(self, path: PathLike, artifact_path: Optional[str] = None) -> None:
@@ -205,17 +247,8 @@ class Tracker:
         if not self.enabled:
             return
         self._require_started()
-        self._guarded(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
-
-    def _guarded(self, call) -> None:
-        # A tracking server outage must not kill a multi-week training run: drop the data, say so, carry on.
-        try:
-            call()
-        except Exception as e:  # MlflowException, connection errors, sqlite "database is locked"
-            self.failures += 1
-            if self.failures <= 3 or self.failures % 100 == 0:
-                print(f"[tracking] dropped a logging call ({self.failures} so far): {_first_line(e)}",
-                      file=sys.stderr, flush=True)
+        run_id = self.run_id
+        self._submit(lambda: self._client.log_artifact(run_id, str(path), artifact_path))
 
     # -- system metrics ---------------------------------------------------------------------------------------
     def system_metrics(self, node: Optional[str] = None, every_s: float = 30.0) -> Optional["SystemMetrics"]:
@@ -283,6 +316,91 @@ class SystemMetrics:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+
+
+class _Sender:
+    """The one thread that talks to the store: calls run in the order they were queued; a call that fails because
+    the store is unreachable is retried (backoff up to RETRY_MAX_S) before any later call, so an outage delays
+    logging but loses and reorders nothing. A call the store refuses (HTTP 4xx: a bad value) is dropped."""
+
+    def __init__(self, tracker: Tracker, capacity: int):
+        self.tracker = tracker
+        self.capacity = capacity
+        self._queue: "queue.Queue" = queue.Queue(maxsize=capacity)
+        self._wake = threading.Event()  # cut a retry wait short (flush)
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.outage_errors = 0
+
+    @property
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def put(self, call) -> bool:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+                self._thread.start()
+                atexit.register(self._at_exit)
+        try:
+            self._queue.put_nowait(call)
+        except queue.Full:
+            return False
+        return True
+
+    def flush(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        self._wake.set()
+        q = self._queue
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                q.all_tasks_done.wait(min(left, 0.5))
+                self._wake.set()
+        left = self._queue.unfinished_tasks
+        if left:
+            print(f"[tracking] {left} logging call(s) not sent after {timeout_s:g} s (store unreachable)",
+                  file=sys.stderr, flush=True)
+        return left == 0
+
+    def _at_exit(self) -> None:
+        if self._queue.unfinished_tasks:
+            self.flush(self.tracker.flush_timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            call = self._queue.get()
+            delay = 0.5
+            while True:
+                try:
+                    call()
+                    break
+                except Exception as e:  # MlflowException, connection errors, sqlite "database is locked"
+                    if _refused(e):
+                        self.tracker.failures += 1
+                        print(f"[tracking] the store refused a logging call (dropped): {_first_line(e)}",
+                              file=sys.stderr, flush=True)
+                        break
+                    self.outage_errors += 1
+                    if self.outage_errors <= 3 or self.outage_errors % 100 == 0:
+                        print(f"[tracking] store unreachable, {self.pending} call(s) held, retrying: {_first_line(e)}",
+                              file=sys.stderr, flush=True)
+                    self._wake.wait(delay)
+                    self._wake.clear()
+                    delay = min(2 * delay, RETRY_MAX_S)
+            self._queue.task_done()
+
+
+def _refused(e: BaseException) -> bool:
+    """An error the store will repeat for the same call (HTTP 4xx other than 408/429): retrying cannot help."""
+    code = getattr(e, "get_http_status_code", None)
+    try:
+        status = int(code()) if callable(code) else None
+    except Exception:
+        status = None
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
 def read_metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 # Small and quick, yet both stages, both groups in stage 2, async checkpoints and a resume point in each stage.
 FAST = [
     "stages.0.steps=4", "stages.1.steps=4", "checkpoint.every=2", "checkpoint.keep=10",
-    "data.num_workers=1", "monitor.collective_timeout_s=90", "monitor.hang_timeout_s=120",
+    "data.num_workers=1", "monitor.hang_timeout_s=120",
 ]
 
 

@@ -102,26 +102,31 @@ def test_one_pass_over_corrupt_shards_uses_every_good_sample_and_counts_every_ba
     s = loader.stats()
     assert (s.seen, s.used) == (33, 28)
     assert s.skipped == {"undecodable": 2, "empty_image": 1, "missing_image": 2}
-    assert s.shard_errors == {"corrupt_tar": 2, "unreadable_shard": 1}
+    assert s.shard_errors == {"corrupt_tar": 1, "not_a_tar": 1, "unreadable_shard": 1}
     n = corrupt["names"]
     assert s.by_shard == {
         n["mixed"]: {"undecodable": 2, "empty_image": 1, "missing_image": 2},
         n["truncated"]: {"corrupt_tar": 1},
-        n["garbage"]: {"corrupt_tar": 1},
+        n["garbage"]: {"not_a_tar": 1},
         n["missing"]: {"unreadable_shard": 1},
     }
 
 
-def test_a_shard_that_keeps_failing_is_named_in_a_warning(corrupt, caplog):
+def test_a_bad_shard_is_named_once_in_a_warning_and_by_new_bad_shards(corrupt, caplog):
     loader = build_loader(corrupt["shards"], 32, SMALL_VIEWS, 4, seed=0, num_workers=0, shuffle_buffer=0,
                           shards_per_chunk=2, bad_shard_warn_after=3)
     with caplog.at_level(logging.WARNING, logger="radio_scale.data"):
         batches = _take(loader, 40)  # the infinite stream keeps going through the bad shards
     s = loader.stats()
     assert s.seen == s.used + sum(s.skipped.values()) and s.used == 40 * 4
-    warned = {r.getMessage().split()[2] for r in caplog.records if "keeps failing" in r.getMessage()}
-    assert {url for url, per in s.by_shard.items() if sum(per.values()) >= 3} == warned
-    assert corrupt["names"]["missing"] in warned and corrupt["names"]["truncated"] in warned
+    warnings = [r.getMessage().split()[2] for r in caplog.records if " is bad " in r.getMessage()]
+    warned = set(warnings)
+    assert len(warnings) == len(warned)  # each shard once
+    # a shard-level failure names the shard at once; sample skips only once they reach bad_shard_warn_after
+    shard_level = {"unreadable_shard", "empty_shard", "not_a_tar", "corrupt_tar", "duplicate_member"}
+    assert {url for url, per in s.by_shard.items() if sum(per.values()) >= 3 or shard_level & set(per)} == warned
+    assert {corrupt["names"][k] for k in ("missing", "truncated", "garbage")} <= warned
+    assert [url for url, _ in loader.new_bad_shards()] == warnings and loader.new_bad_shards() == []
     assert all(len(b) == 4 for b in batches)
 
 
@@ -241,7 +246,7 @@ def test_student_and_teacher_views_share_one_crop(tmp_path):
              ViewSpec("sam", 96, IMAGENET_MEAN, IMAGENET_STD, "longest_pad")]
     loader = build_loader(str(_square_shard(tmp_path)), 64, views, 24, seed=5, num_workers=0, shuffle_buffer=0,
                           crop_scale=(0.2, 1.0), crop_ratio=(0.5, 2.0), resampled=False)
-    batch = next(loader)
+    batch = next(loader).normalized()  # uint8 pixels from the loader, normalised as the trainer does on its device
     checked, positions = 0, []
     for i in range(len(batch)):
         ref = _bright_stats(batch.student[i], STUDENT_MEAN, STUDENT_STD)
@@ -279,7 +284,7 @@ def test_sam_map_cropped_to_content_lines_up_with_the_student_grid(tmp_path):
     sam = ViewSpec("sam", 96, IMAGENET_MEAN, IMAGENET_STD, "longest_pad")
     loader = build_loader(str(_square_shard(tmp_path)), 64, [sam], 24, seed=5, num_workers=0, shuffle_buffer=0,
                           crop_scale=(0.2, 1.0), crop_ratio=(0.5, 2.0), resampled=False)
-    batch = next(loader)
+    batch = next(loader).normalized()
     frac = batch.content["sam"]
     # the fractions are the view's real content: bottom/right of it is exact zero padding, inside it is not
     for i in range(len(batch)):
@@ -322,7 +327,9 @@ def test_longest_pad_keeps_aspect_and_pads_zeros_after_normalising_like_sam(tmp_
     Image.fromarray(img).save(buf, format="PNG")
     shard = _write_tar(tmp_path / "flat.tar", [("flat.png", buf.getvalue())])
     sam = ViewSpec("sam", 64, IMAGENET_MEAN, IMAGENET_STD, "longest_pad")
-    batch = next(build_loader(shard, 32, [sam], 1, seed=0, num_workers=0, resampled=False, crop_scale=None))
+    raw = next(build_loader(shard, 32, [sam], 1, seed=0, num_workers=0, resampled=False, crop_scale=None))
+    assert raw.student.dtype == torch.uint8 and raw.teachers["sam"].dtype == torch.uint8  # pixels cross as uint8
+    batch = raw.normalized()
     x = batch.teachers["sam"][0]
     expect = (torch.tensor([200, 100, 50]) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[:, :40, :], expect.view(3, 1, 1).expand(3, 40, 64), atol=1e-5)  # 100x160 -> 40x64

@@ -123,7 +123,7 @@ def test_radio_cluster_makes_the_short_command_submit_to_slurm(tmp_path):
     assert "64 ranks = 8 node(s) x 8 on cluster 'h100' (slurm)" in r.stdout
     assert f"cluster file: {EXAMPLE} (from $RADIO_CLUSTER)" in r.stdout
     assert "#SBATCH --nodes=8" in r.stdout and "submitit.core._submit" in r.stdout
-    assert "torch.distributed.run" not in r.stdout
+    assert "loopback_torchrun" not in r.stdout  # the local launcher's torchrun
 
 
 def test_the_cluster_option_wins_over_radio_cluster(tmp_path, monkeypatch, capsys):
@@ -133,7 +133,7 @@ def test_the_cluster_option_wins_over_radio_cluster(tmp_path, monkeypatch, capsy
     local = REPO / "cluster_configs" / "local.yaml"
     assert main(["--recipe", "smoke", "--cluster", str(local), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "on cluster 'local' (local)" in out and "torch.distributed.run" in out and "#SBATCH" not in out
+    assert "on cluster 'local' (local)" in out and "radio_scale.launchers.loopback_torchrun" in out and "#SBATCH" not in out
 
 
 def test_radio_cluster_naming_a_missing_file_is_one_line(tmp_path, monkeypatch, capsys):

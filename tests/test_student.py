@@ -125,7 +125,10 @@ def test_cpe_crops_randomly_in_training_and_resizes_the_whole_grid_in_eval():
     cpe.eval()
     e1, e2 = cpe(4, 6, 2), cpe(4, 6, 2)
     torch.testing.assert_close(e1, e2)
-    torch.testing.assert_close(e1[0], F.interpolate(cpe.pos, size=(4, 6), mode="bilinear", align_corners=False)[0])
+    # RADIO's inference rule: resize to the longer side, square, then the top-left 4 x 6
+    square = F.interpolate(cpe.pos, size=(6, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(e1[0], square[0, :, :4, :6])
+    torch.testing.assert_close(cpe(6, 6, 1), square)
     assert cpe(16, 16, 2) is cpe.pos  # the grid's own size: the grid itself
 
 
@@ -133,10 +136,17 @@ def test_a_full_area_square_crop_equals_the_eval_resize():
     model = tiny_student(cpe_scale=(1.0, 1.0), cpe_ratio=(1.0, 1.0))
     cpe = model.cpe
     cpe.train()
-    crop = cpe(5, 7, 3)
+    for h, w in [(5, 5), (9, 9)]:  # training views are square; there the eval rule is a plain resize of the grid
+        cpe.train()
+        crop = cpe(h, w, 3)
+        cpe.eval()
+        whole = cpe(h, w, 3)
+        torch.testing.assert_close(crop, whole.expand_as(crop), rtol=1e-5, atol=1e-6)
+    # non-square at eval: RADIO's rule (resize to the longer side, square, top-left h x w), not a full-area stretch
+    cpe.train()
+    stretch = cpe(5, 7, 1)
     cpe.eval()
-    whole = cpe(5, 7, 3)
-    torch.testing.assert_close(crop, whole.expand_as(crop), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(stretch, cpe(5, 7, 1), atol=1e-4)
 
 
 def test_cpe_crops_stay_inside_the_grid_with_area_and_aspect_in_range():

@@ -51,19 +51,40 @@ def load_config(recipe: str, overrides: typing.Sequence[str] = (), check_files: 
     """
     path = recipe_path(recipe)
     src = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{src}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml_file(path, "recipe")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: a recipe must be a mapping of sections")
+        raise ConfigError(f"{src}: a recipe must be a mapping of sections, got {_yaml_kind(raw)}")
     for ov in overrides:
         apply_override(raw, ov, src)
     cfg = build_config(raw, src)
     validate(cfg, src, check_files=check_files)
     return cfg
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in `path`; ConfigError naming the file when it is unreadable, not UTF-8 or not YAML."""
+    src = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read the {what} file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{src}: line {line}: the {what} file is not UTF-8 text (byte {data[e.start]:#04x} at "
+                          f"offset {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{src}:{where} is not valid YAML ({problem})") from None
+
+
+def _yaml_kind(value: Any) -> str:
+    return "an empty file" if value is None else f"a {type(value).__name__}"
 
 
 def apply_override(raw: dict, override: str, src: str = "<overrides>") -> None:
@@ -155,13 +176,17 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):  # no key of a run or cluster config means anything as NaN or infinity
+            raise ConfigError(f"{src}: key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -232,17 +257,43 @@ def build_config(raw: dict, src: str) -> RunConfig:
 
 def student_patch_size(cfg: RunConfig) -> int:
     """The student's patch size (explicit, or from its preset)."""
+    if cfg.student.arch not in STUDENT_PRESETS:  # E-RADIO / timm:<name>: the output stride of the patch map
+        from radio_scale.models.registry import student_stride
+
+        return student_stride(cfg.student)
     if cfg.student.patch_size is not None:
         return cfg.student.patch_size
     return STUDENT_PRESETS[cfg.student.arch].patch_size
 
 
-def validate(cfg: RunConfig, src: str, check_files: bool = False) -> None:
-    """Cross-field checks; raise ConfigError naming the offending key."""
-    if cfg.student.arch not in STUDENT_PRESETS:
-        raise ConfigError(
-            f"{src}: key 'student.arch' is '{cfg.student.arch}', known: {', '.join(STUDENT_PRESETS)}"
-        )
+def validate(cfg: RunConfig, src: str, check_files: bool = False, for_training: bool = True) -> None:
+    """Cross-field checks; raise ConfigError naming the offending key.
+
+    for_training=False (a config read back to evaluate or export a model): the checks that only matter to a
+    running job (the order of its timeouts) are skipped, so models of earlier runs still load.
+    """
+    _check_standardize(cfg, src)
+    from radio_scale.models.registry import TIMM_PREFIX, known_arch, known_names
+
+    if not known_arch(cfg.student.arch):
+        raise ConfigError(f"{src}: key 'student.arch' is '{cfg.student.arch}', known: {known_names()}")
+    if cfg.student.timm_kwargs and not cfg.student.arch.startswith(TIMM_PREFIX):
+        raise ConfigError(f"{src}: key 'student.timm_kwargs' is set, but student.arch '{cfg.student.arch}' is not "
+                          "a timm:<name> student")
+    if cfg.student.arch.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:  # pragma: no cover - timm is a dependency
+            timm = None
+        if timm is not None and not timm.is_model(cfg.student.arch[len(TIMM_PREFIX):]):
+            raise ConfigError(f"{src}: key 'student.arch' is '{cfg.student.arch}': timm has no model "
+                              f"'{cfg.student.arch[len(TIMM_PREFIX):]}'")
+        try:
+            student_patch_size(cfg)  # builds it on the meta device: bad kwargs fail here, with the key
+        except Exception as e:  # noqa: BLE001 - any construction error is a config error here
+            raise ConfigError(f"{src}: key 'student.timm_kwargs': timm model '{cfg.student.arch[len(TIMM_PREFIX):]}' "
+                              f"does not build with {dict(cfg.student.timm_kwargs)}: {str(e).splitlines()[0][:200]}")
+    check_values(cfg, src)
     if cfg.distributed_backend != "fsdp2":
         raise ConfigError(f"{src}: key 'distributed_backend' is '{cfg.distributed_backend}': only 'fsdp2' is "
                           "implemented in this version")
@@ -305,6 +356,104 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False) -> None:
                     raise ConfigError(
                         f"{src}: key '{key}.teachers' names undeclared teacher '{t}' (declared: {', '.join(names)})"
                     )
+    # Timeouts in order: every watchdog phase timeout below the collective timeout, so that a hang is caught by
+    # the watchdog (stack dump, HANG marker, requeue) before NCCL's timeout aborts every rank without a word.
+    mon = cfg.monitor
+    phases = {"monitor.hang_timeout_s": mon.hang_timeout_s, "monitor.startup_timeout_s": mon.startup_timeout_s,
+              "monitor.checkpoint_timeout_s": mon.checkpoint_timeout_s}
+    for key, value in [*phases.items(), ("monitor.collective_timeout_s", mon.collective_timeout_s),
+                       ("monitor.heartbeat_every_s", mon.heartbeat_every_s)]:
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{src}: key '{key}' must be > 0, got {value}")
+    if mon.heartbeat_every < 0:
+        raise ConfigError(f"{src}: key 'monitor.heartbeat_every' must be >= 0 (0: by time only), got {mon.heartbeat_every}")
+    too_long = [f"{k}={v:g}" for k, v in phases.items() if v >= mon.collective_timeout_s]
+    if too_long and for_training:
+        raise ConfigError(f"{src}: key 'monitor.collective_timeout_s' ({mon.collective_timeout_s:g}) must exceed every "
+                          f"watchdog timeout, but {', '.join(too_long)}: raise monitor.collective_timeout_s above "
+                          f"{max(phases.values()):g} (or lower those), so the watchdog reports a hang before the "
+                          "collective timeout aborts every rank")
+    if not (cfg.hardware.interconnect_gbps > 0 and math.isfinite(cfg.hardware.interconnect_gbps)):
+        raise ConfigError(f"{src}: key 'hardware.interconnect_gbps' must be > 0, got {cfg.hardware.interconnect_gbps}")
+
+
+def _need(ok: bool, src: str, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{src}: key '{key}' must be {rule}, got {value!r}")
+
+
+def _range_pair(src: str, key: str, pair: tuple, lo_open: float, hi: Optional[float]) -> None:
+    """(lo, hi) with lo_open < lo <= hi (<= hi when given)."""
+    a, b = pair
+    ok = lo_open < a <= b and (hi is None or b <= hi)
+    rule = f"a pair with {lo_open:g} < lo <= hi" + (f" <= {hi:g}" if hi is not None else "")
+    _need(ok, src, key, rule, list(pair))
+
+
+def check_values(cfg: RunConfig, src: str) -> None:
+    """Per-key value ranges (types and finiteness are checked when the config is built); ConfigError naming the key.
+
+    A value a run could start with but that divides by zero, flips a gradient, never saves, or dies with a
+    traceback later is refused here, with the key and the file.
+    """
+    s, o, d = cfg.student, cfg.optim, cfg.data
+    base = STUDENT_PRESETS.get(s.arch, STUDENT_PRESETS["vit_s16"])  # non-ViT students ignore the ViT dims
+    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        value = getattr(s, name)
+        if value is not None:
+            _need(value > 0, src, f"student.{name}", "> 0", value)
+    width = s.embed_dim if s.embed_dim is not None else base.embed_dim
+    heads = s.num_heads if s.num_heads is not None else base.num_heads
+    if width % heads:
+        where = "student.embed_dim" if s.embed_dim is not None else f"preset {s.arch}"
+        raise ConfigError(f"{src}: key 'student.num_heads' ({heads}) must divide the width {width} ({where})")
+    depth = s.depth if s.depth is not None else base.depth
+    for i, b in enumerate(s.global_blocks):
+        _need(0 <= b < depth, src, f"student.global_blocks.{i}", f"a block index in [0, {depth})", b)
+    _need(s.cpe_grid > 0, src, "student.cpe_grid", "> 0", s.cpe_grid)
+    _range_pair(src, "student.cpe_scale", s.cpe_scale, 0.0, 1.0)
+    _range_pair(src, "student.cpe_ratio", s.cpe_ratio, 0.0, None)
+    _need(s.num_registers >= 0, src, "student.num_registers", ">= 0", s.num_registers)
+    _need(0 <= s.drop_path < 1, src, "student.drop_path", "in [0, 1)", s.drop_path)
+    for t in cfg.teachers:
+        key = f"teachers.{t.name}"
+        if t.input_size is not None:
+            _need(t.input_size > 0, src, f"{key}.input_size", "> 0", t.input_size)
+        _need(t.summary_weight >= 0, src, f"{key}.summary_weight", ">= 0", t.summary_weight)
+        _need(t.spatial_weight >= 0, src, f"{key}.spatial_weight", ">= 0", t.spatial_weight)
+    _need(0 <= cfg.loss.adaloss_momentum < 1, src, "loss.adaloss_momentum", "in [0, 1)", cfg.loss.adaloss_momentum)
+    _need(o.lr > 0, src, "optim.lr", "> 0", o.lr)
+    for i, st in enumerate(cfg.stages):
+        if st.lr is not None:
+            _need(st.lr > 0, src, f"stages.{i}.lr", "> 0", st.lr)
+    # 0 would zero every gradient (clip_grad_norm_ scales by max_norm / norm), a negative value flips them
+    _need(o.grad_clip > 0, src, "optim.grad_clip", "> 0 (a large value such as 1e9 effectively disables clipping)",
+          o.grad_clip)
+    _need(o.weight_decay >= 0, src, "optim.weight_decay", ">= 0", o.weight_decay)
+    for i, beta in enumerate(o.betas):
+        _need(0 <= beta < 1, src, f"optim.betas.{i}", "in [0, 1)", beta)
+    _need(o.eps > 0, src, "optim.eps", "> 0", o.eps)
+    _need(0 <= o.min_lr_ratio <= 1, src, "optim.min_lr_ratio", "in [0, 1]", o.min_lr_ratio)
+    _need(d.num_workers >= 0, src, "data.num_workers", ">= 0", d.num_workers)
+    _need(d.shuffle_buffer >= 0, src, "data.shuffle_buffer", ">= 0", d.shuffle_buffer)
+    _need(d.shards_per_chunk >= 1, src, "data.shards_per_chunk", ">= 1", d.shards_per_chunk)
+    _need(d.bad_shard_warn_after >= 1, src, "data.bad_shard_warn_after", ">= 1", d.bad_shard_warn_after)
+    _range_pair(src, "data.crop_scale", d.crop_scale, 0.0, 1.0)
+    _range_pair(src, "data.crop_ratio", d.crop_ratio, 0.0, None)
+    _need(cfg.checkpoint.every > 0, src, "checkpoint.every", "> 0", cfg.checkpoint.every)
+    _need(cfg.checkpoint.keep > 0, src, "checkpoint.keep", "> 0", cfg.checkpoint.keep)
+    _need(cfg.tracking.log_every > 0, src, "tracking.log_every", "> 0", cfg.tracking.log_every)
+    m = cfg.monitor
+    _need(m.straggler_ratio >= 1, src, "monitor.straggler_ratio", ">= 1", m.straggler_ratio)
+    _need(m.nan_rollback_after >= 1, src, "monitor.nan_rollback_after", ">= 1", m.nan_rollback_after)
+    _need(m.max_requeues >= 0, src, "monitor.max_requeues", ">= 0", m.max_requeues)
+    for i, step in enumerate(m.inject_nan_steps):
+        _need(step >= 1, src, f"monitor.inject_nan_steps.{i}", ">= 1", step)
+    _need(cfg.eval.every >= 0, src, "eval.every", ">= 0 (0: never)", cfg.eval.every)
+    _need(cfg.eval.knn_k >= 1, src, "eval.knn_k", ">= 1", cfg.eval.knn_k)
+    _need(cfg.eval.knn_temperature > 0, src, "eval.knn_temperature", "> 0", cfg.eval.knn_temperature)
+    # seeds feed numpy SeedSequence, which refuses negative entropy (a traceback at the first step otherwise)
+    _need(cfg.seed >= 0, src, "seed", ">= 0", cfg.seed)
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -326,10 +475,27 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def config_from_dict(raw: dict, src: str = "<dict>") -> RunConfig:
-    """Plain dict (e.g. from a checkpoint or export) -> validated RunConfig."""
+def _check_standardize(cfg: RunConfig, src: str) -> None:
+    """loss.standardize=phi_s needs a Hadamard matrix of every teacher's feature widths."""
+    if cfg.loss.standardize != "phi_s":
+        return
+    if cfg.loss.standardize_batches <= 0:
+        raise ConfigError(f"{src}: key 'loss.standardize_batches' must be > 0, got {cfg.loss.standardize_batches}")
+    from radio_scale.losses.phis import hadamard_order_supported
+    from radio_scale.teachers.spec import teacher_spec
+
+    for t in cfg.teachers:
+        spec = teacher_spec(t)
+        for kind, c in (("summary", spec.summary_dim if spec.has_summary else 0), ("spatial", spec.embed_dim)):
+            if c and not hadamard_order_supported(c):
+                raise ConfigError(f"{src}: key 'loss.standardize' is phi_s, but teacher '{t.name}' has {kind} width {c}, "
+                                  "which has no Hadamard matrix here (orders 2^k x (q+1), q prime = 3 mod 4)")
+
+
+def config_from_dict(raw: dict, src: str = "<dict>", for_training: bool = False) -> RunConfig:
+    """Plain dict (e.g. from a checkpoint or export) -> validated RunConfig (see validate's for_training)."""
     cfg = build_config(raw, src)
-    validate(cfg, src)
+    validate(cfg, src, for_training=for_training)
     return cfg
 
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 class StudentConfig:
     """The student backbone (a ViT with CPE, multiple CLS tokens and windowed-attention augmentation)."""
 
-    arch: str = "vit_s16"  # preset name, see radio_scale.models.presets
+    arch: str = "vit_s16"  # ViT preset (radio_scale.models.presets), eradio_b/eradio_l (+ _noup), or timm:<name>
     patch_size: Optional[int] = None  # None: the preset's
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
@@ -23,6 +23,7 @@ class StudentConfig:
     spectral_reparam: bool = False
     activation_checkpointing: bool = False
     drop_path: float = 0.0
+    timm_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs of a `timm:<name>` student
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class LossConfig:
     # (all ranks), times its weight, so a teacher seen by few samples (SAM) keeps its full weight.
     # per_sample: every term summed over its samples and divided by the step's global sample count.
     reduction: Literal["per_teacher", "per_sample"] = "per_teacher"
+    # phi_s: every teacher's summary and spatial features standardised (PHI-S: PCA rotation, Hadamard, one scale)
+    # before the loss, estimated on `standardize_batches` batches per group when the teacher first appears.
+    standardize: Literal["none", "phi_s"] = "none"
+    standardize_batches: int = 8
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333)
     bad_shard_warn_after: int = 3
+    # `pipe:` lines inside a .txt list file run through a shell: refused unless this is set (a `pipe:` spec
+    # written in data.shards itself, in the recipe or on the command line, is always allowed)
+    allow_pipe_in_lists: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,16 +131,24 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    heartbeat_every: int = 1
+    # A heartbeat file is written every heartbeat_every_s seconds of wall time (and at every phase change);
+    # heartbeat_every > 0 also writes one every that many steps (0: by time only). Shared-filesystem load.
+    heartbeat_every: int = 0
+    heartbeat_every_s: float = 5.0
+    # Watchdog phase timeouts; each must be below collective_timeout_s (validated), so a hang ends in the
+    # watchdog's stack dump, HANG marker and requeue rather than in NCCL aborting every rank first.
     hang_timeout_s: float = 600.0
     startup_timeout_s: float = 1800.0
     checkpoint_timeout_s: float = 1800.0
     straggler_ratio: float = 1.5
     nan_rollback_after: int = 3
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 2400.0
     max_requeues: int = 20
     # Fault drills: make the loss non-finite on these steps (each once, so a rollback does not re-trigger it).
     inject_nan_steps: tuple[int, ...] = ()
+    # Fault drill: rank 0 is killed (SIGKILL) while writing the checkpoint of this step, after every shard is
+    # on disk and before the completion marker (a relaunch must skip it and resume the one before).
+    inject_kill_in_checkpoint: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,9 @@ class HardwareConfig:
 
     gpu_memory_gb: float = 80.0  # memory limit per rank
     gpu_tflops: Optional[float] = None  # bf16 dense peak per rank; None: the planner's H100 figure (989)
+    # bandwidth one rank all-gathers sharded teacher weights at (GB/s; NVLink within a node is ~ 300-450,
+    # InfiniBand NDR across nodes ~ 50); the planner counts sharded teachers' communication with it
+    interconnect_gbps: float = 50.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from typing import Optional, Sequence
 from radio_scale.data.shards import DataError
 
 
+PIPE_HELP = "run 'pipe:' lines found inside .txt list files (through a shell); refused by default"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radio-data", description="Create and check webdataset shards for radio_scale.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -21,12 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-bytes", type=int, default=1_000_000_000)
     m.add_argument("--seed", type=int, default=0, help="shuffle seed for the file order of a folder")
     m.add_argument("--no-shuffle", action="store_true", help="keep a folder's sorted file order")
+    m.add_argument("--allow-pipe-in-lists", action="store_true", help=PIPE_HELP)
 
     i = sub.add_parser("inspect", help="counts, image size histogram and bad samples by reason")
     i.add_argument("shards", help="shard spec (path, directory, glob, {a..b} pattern, list file, 'bundled[:set]')")
     i.add_argument("--image-key", default="jpg;jpeg;png;webp")
     i.add_argument("--label-key", default="cls")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--allow-pipe-in-lists", action="store_true", help=PIPE_HELP)
 
     s = sub.add_parser("sample-data", help="write the bundled offline dataset (scikit-image / scikit-learn images)")
     s.add_argument("out", nargs="?", default=None, help="directory (default: $RADIO_DATA_DIR or ~/.cache/radio_scale/bundled)")
@@ -41,7 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from radio_scale.data.make_shards import make_shards
 
             manifest = make_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                                   max_shard_bytes=args.max_shard_bytes, seed=None if args.no_shuffle else args.seed)
+                                   max_shard_bytes=args.max_shard_bytes, seed=None if args.no_shuffle else args.seed,
+                                   allow_pipe_in_lists=args.allow_pipe_in_lists)
             print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}"
                   + (f" ({len(manifest['labels'])} labels)" if manifest["labels"] else ""))
             if manifest["skipped"] or manifest["shard_errors"]:
@@ -49,7 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "inspect":
             from radio_scale.data.inspect_shards import format_report, inspect_shards
 
-            report = inspect_shards(args.shards, image_key=args.image_key, label_key=args.label_key or None)
+            report = inspect_shards(args.shards, image_key=args.image_key, label_key=args.label_key or None,
+                                    allow_pipe_in_lists=args.allow_pipe_in_lists)
             print(json.dumps(report, indent=1) if args.json else format_report(report))
         elif args.command == "sample-data":
             from radio_scale.data.bundled import default_root, ensure_bundled_data, read_manifest

@@ -21,9 +21,9 @@ def _size_bin(longest: int) -> str:
 
 
 def inspect_shards(spec: str, *, image_key: str = "jpg;jpeg;png;webp", label_key: Optional[str] = "cls",
-                   progress: Optional[bool] = None) -> dict:
+                   progress: Optional[bool] = None, allow_pipe_in_lists: bool = False) -> dict:
     """A report (plain data) on every shard of `spec`: samples, usable images, size histogram, labels, skips."""
-    shards = resolve_shards(spec)
+    shards = resolve_shards(spec, allow_pipe_in_lists)
     keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
     counters = Counters()
     per_shard: dict[str, dict[str, int]] = {}

@@ -10,7 +10,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from radio_scale.data.shards import DataError, resolve_shards, shards_fingerprint
-from radio_scale.data.stream import StreamSpec, ViewStream, fresh_position, merge_counters
+from radio_scale.data.stream import (
+    BAD_DATA_REASONS,
+    SHARD_ERROR_REASONS,
+    StreamSpec,
+    ViewStream,
+    fresh_position,
+    merge_counters,
+)
 from radio_scale.data.views import Batch, ViewSpec, student_view
 
 log = logging.getLogger("radio_scale.data")
@@ -34,11 +41,32 @@ class DataStats:
     batches: int
 
     def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
-        """Flat {name: value} for metric logging."""
-        out = {f"{prefix}seen": float(self.seen), f"{prefix}used": float(self.used), f"{prefix}batches": float(self.batches)}
-        out.update({f"{prefix}skipped/{k}": float(v) for k, v in self.skipped.items()})
-        out.update({f"{prefix}shard_errors/{k}": float(v) for k, v in self.shard_errors.items()})
-        return out
+        """Flat {name: value} for metric logging: `bad_data_metrics` plus the batch count."""
+        return {**bad_data_metrics(self.counters(), prefix), f"{prefix}batches": float(self.batches)}
+
+    def counters(self) -> dict:
+        """The counters as the plain dict the streams use (see `merge_counters`)."""
+        return {"seen": self.seen, "used": self.used, "skipped": dict(self.skipped),
+                "shard_errors": dict(self.shard_errors), "by_shard": {k: dict(v) for k, v in self.by_shard.items()}}
+
+
+def bad_data_metrics(counters: dict, prefix: str = "data/") -> dict[str, float]:
+    """Counters -> the metrics the trainer logs, always the same keys in the same order (they are all-reduced).
+
+    `skipped` counts every bad-data event: unusable samples and shard-level failures (an unreadable, empty,
+    non-tar, cut-short or duplicate-member shard); `skipped/<reason>` splits it by reason (SAMPLE_SKIP_REASONS
+    count samples, SHARD_ERROR_REASONS count events). seen = used + the sample reasons' sum.
+    """
+    by_reason = {**counters.get("skipped", {}), **counters.get("shard_errors", {})}
+    out = {f"{prefix}seen": float(counters.get("seen", 0)), f"{prefix}used": float(counters.get("used", 0)),
+           f"{prefix}skipped": float(sum(by_reason.values()))}
+    out.update({f"{prefix}skipped/{k}": float(by_reason.get(k, 0)) for k in BAD_DATA_REASONS})
+    return out
+
+
+def is_bad_shard(per_reason: dict, warn_after: int) -> bool:
+    """A shard that failed at shard level, or whose skips and errors reached `warn_after`."""
+    return any(k in SHARD_ERROR_REASONS for k in per_reason) or sum(per_reason.values()) >= warn_after
 
 
 def _identity(batch: Batch) -> Batch:  # batches are assembled in the workers already
@@ -63,7 +91,9 @@ class DistillLoader:
         self._base = merge_counters([])  # counts carried over from a resume with another layout
         self._round = 0  # batches since the current layout (re)started: picks the next stream
         self._batches = 0
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # bad shards already named (log warning + new_bad_shards)
+        self._pending: list[tuple[str, dict]] = []  # named, not yet taken by new_bad_shards()
+        self.restored = False  # True once a saved position (or a carry) was loaded: its counters continue
         self._it = None
 
     # -- iteration -----------------------------------------------------------------------------
@@ -85,7 +115,7 @@ class DistillLoader:
             if not batch.meta.get("end"):  # the end marker of a finite stream only updates counters
                 break
         self._batches += 1
-        self._warn_bad_shards(batch.meta["position"]["counters"]["by_shard"])
+        self._note_bad_shards(batch.meta["position"]["counters"]["by_shard"])
         return batch
 
     def _start(self) -> None:
@@ -150,12 +180,13 @@ class DistillLoader:
             raise DataError(f"data position: unsupported state (version {state.get('version') if isinstance(state, dict) else state!r})")
         self.close()
         self._batches = int(state["batches"])
-        self._warned.clear()
+        self.restored = True
         if state["layout"] == self._layout():
             self._dataset.spec = _with_reseed(self._dataset.spec, int(state["reseed"]))
             self._streams = copy.deepcopy(state["positions"])
             self._base = copy.deepcopy(state["base"])
             self._round = int(state["round"])
+            self._mark_known_bad()
             return
         changed = sorted(k for k, v in self._layout().items() if state["layout"].get(k) != v)
         # Another world size / worker count / shard list: the old streams cannot be continued, but
@@ -167,6 +198,17 @@ class DistillLoader:
         self._base = merge_counters([state["base"]] + [s["counters"] for s in state["positions"]])
         self._streams = [fresh_position() for _ in self._streams]
         self._round = 0
+        self._mark_known_bad()
+
+    def carry(self, counters: dict) -> None:
+        """Add counters from before this loader (an earlier stage, or a resume that could not restore the streams).
+
+        They join the loader's base counts, so stats() and state_dict() include them from now on: a run's
+        counters are cumulative over its stages and survive every resume.
+        """
+        self._base = merge_counters([self._base, counters])
+        self.restored = True
+        self._mark_known_bad()
 
     # -- counters -------------------------------------------------------------------------------
 
@@ -176,16 +218,27 @@ class DistillLoader:
         return DataStats(total["seen"], total["used"], total["skipped"], total["shard_errors"],
                          total["by_shard"], self._batches)
 
-    def _warn_bad_shards(self, by_shard: dict) -> None:
+    def new_bad_shards(self) -> list[tuple[str, dict]]:
+        """Bad shards (`is_bad_shard`) seen since the last call, each once: [(shard, {reason: count})]."""
+        out, self._pending = self._pending, []
+        return out
+
+    def _mark_known_bad(self) -> None:
+        """Shards already bad in restored/carried counters were named before (by the run that counted them)."""
+        self._pending = []
+        self._warned = {url for url, per in self.stats().by_shard.items() if is_bad_shard(per, self._warn_after)}
+
+    def _note_bad_shards(self, by_shard: dict) -> None:
         fresh = [url for url in by_shard if url not in self._warned]
         if not fresh:
             return
         totals = merge_counters([self._base] + [s["counters"] for s in self._streams])["by_shard"]
         for url in fresh:
-            n = sum(totals.get(url, {}).values())
-            if n >= self._warn_after:
+            per = totals.get(url, {})
+            if is_bad_shard(per, self._warn_after):
                 self._warned.add(url)
-                log.warning("data: shard %s keeps failing (%d errors: %s)", url, n, totals[url])
+                self._pending.append((url, dict(per)))
+                log.warning("data: shard %s is bad (%d errors: %s)", url, sum(per.values()), per)
 
 
 def _with_reseed(spec: StreamSpec, reseed: int) -> StreamSpec:
@@ -212,13 +265,14 @@ def build_loader(
     shards_per_chunk: int = 4,
     bad_shard_warn_after: int = 3,
     pin_memory: Optional[bool] = None,
+    allow_pipe_in_lists: bool = False,
 ) -> DistillLoader:
     """The data stream of one rank: student view at student_res plus every teacher view, batch_size per batch.
 
     crop_scale=None uses the whole image (evaluation); resampled=False makes one finite pass over the
     shards split across ranks and workers. Bad specs raise DataError here, before any training starts.
     """
-    shard_list = resolve_shards(shards) if isinstance(shards, str) else list(shards)
+    shard_list = resolve_shards(shards, allow_pipe_in_lists) if isinstance(shards, str) else list(shards)
     if not shard_list:
         raise DataError("data.shards: empty shard list")
     _check(batch_size >= 1, f"data: batch_size must be >= 1, got {batch_size}")
@@ -226,6 +280,7 @@ def build_loader(
     _check(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}")
     _check(shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
     _check(shards_per_chunk >= 1, f"data.shards_per_chunk must be >= 1, got {shards_per_chunk}")
+    _check(bad_shard_warn_after >= 1, f"data.bad_shard_warn_after must be >= 1, got {bad_shard_warn_after}")
     if crop_scale is not None:
         crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         _check(0 < crop_scale[0] <= crop_scale[1] <= 1, f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")

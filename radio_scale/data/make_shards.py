@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,34 @@ from radio_scale.data.stream import Counters, read_shard
 _KEEP = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 # Re-encoded to png on the way in.
 _CONVERT = {".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+
+
+def safe_key(key: str) -> str:
+    """A sample key that is a harmless relative member name: no absolute path, no '..' or '.' or empty parts,
+    no backslashes, drive letters or control characters (sub-folders that stay inside the shard are kept)."""
+    parts = [re.sub(r"[\x00-\x1f\x7f]", "_", p) for p in str(key).replace("\\", "/").split("/")]
+    parts = [p for p in parts if p not in ("", ".", "..")]
+    if parts and re.fullmatch(r"[A-Za-z]:", parts[0]):
+        parts = parts[1:]
+    return "/".join(parts) or "sample"
+
+
+class _UniqueKeys:
+    """Sanitised keys (`safe_key`), unique over everything written: a repeat gets a _1, _2, ... suffix."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self.renamed = 0
+
+    def __call__(self, key: str) -> str:
+        safe = base = safe_key(key)
+        n = 0
+        while safe in self.used:
+            n += 1
+            safe = f"{base}_{n}"
+        self.used.add(safe)
+        self.renamed += safe != key
+        return safe
 
 
 def _check_out(out: Path) -> None:
@@ -62,8 +91,8 @@ def _folder_samples(src: Path, seed: Optional[int], skipped: Counters):
     return gen(), len(files), names
 
 
-def _tar_samples(spec: str, counters: Counters):
-    shards = resolve_shards(spec)
+def _tar_samples(spec: str, counters: Counters, allow_pipe_in_lists: bool = False):
+    shards = resolve_shards(spec, allow_pipe_in_lists)
     names = None
     manifest = Path(shards[0]).parent / "manifest.json"
     if manifest.is_file():  # carry label names over from a manifest written by make-shards
@@ -78,8 +107,12 @@ def _tar_samples(spec: str, counters: Counters):
 
 
 def make_shards(src: str, out: str, *, samples_per_shard: int = 1000, max_shard_bytes: int = 1_000_000_000,
-                seed: Optional[int] = 0, progress: Optional[bool] = None) -> dict:
-    """Write SRC (an image folder, or shards to re-shard) as shards under OUT plus manifest.json; return the manifest."""
+                seed: Optional[int] = 0, progress: Optional[bool] = None, allow_pipe_in_lists: bool = False) -> dict:
+    """Write SRC (an image folder, or shards to re-shard) as shards under OUT plus manifest.json; return the manifest.
+
+    Sample keys are written sanitised and unique (`safe_key`): a source tar's `../../x` or `/abs/x` member
+    becomes `x` (or `x_1` if taken), never a path that escapes the directory it is extracted into.
+    """
     import webdataset as wds
 
     if samples_per_shard < 1 or max_shard_bytes < 1:
@@ -90,7 +123,7 @@ def make_shards(src: str, out: str, *, samples_per_shard: int = 1000, max_shard_
     if src_path.is_dir() and not any(src_path.glob("*.tar")):
         samples, total, names = _folder_samples(src_path, seed, counters)
     else:
-        samples, total, names = _tar_samples(src, counters)
+        samples, total, names = _tar_samples(src, counters, allow_pipe_in_lists)
     _check_out(out_dir)
     counts: dict[str, int] = {}
     writer = None
@@ -99,11 +132,12 @@ def make_shards(src: str, out: str, *, samples_per_shard: int = 1000, max_shard_
         counts[os.path.basename(fname)] = writer.count
 
     written = 0
+    unique = _UniqueKeys()
     writer = wds.ShardWriter(str(out_dir / "shard-%06d.tar"), maxcount=samples_per_shard,
                              maxsize=max_shard_bytes, post=finished, verbose=0)
     with writer:
         for sample in tqdm(samples, total=total, desc="make-shards", unit="img", disable=True if progress is False else None):
-            writer.write(sample)
+            writer.write({**sample, "__key__": unique(sample["__key__"])})
             written += 1
     if written == 0:
         for p in out_dir.glob("shard-*.tar"):
@@ -119,6 +153,7 @@ def make_shards(src: str, out: str, *, samples_per_shard: int = 1000, max_shard_
         "labels": names,
         "skipped": counters.skipped,
         "shard_errors": counters.shard_errors,
+        "renamed_keys": unique.renamed,  # source keys that were unsafe or repeated, written under a new name
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

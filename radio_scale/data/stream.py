@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from radio_scale.data.shards import DataError
 from radio_scale.data.views import Batch, SampleSkip, ViewSpec, content_fraction, decode_views, stack_view
@@ -27,7 +27,11 @@ from radio_scale.data.views import Batch, SampleSkip, ViewSpec, content_fraction
 log = logging.getLogger("radio_scale.data")
 
 SAMPLE_SKIP_REASONS = ("missing_image", "empty_image", "undecodable", "bad_label")
-SHARD_ERROR_REASONS = ("unreadable_shard", "corrupt_tar")
+# unreadable_shard: cannot open/read it (missing, permissions, I/O, a failing pipe:); empty_shard: zero bytes;
+# not_a_tar: no tar member could be read; corrupt_tar: cut short or corrupt after some members (those are kept);
+# duplicate_member: a member repeating a (key, extension) or a key already read in the shard (dropped, first kept)
+SHARD_ERROR_REASONS = ("unreadable_shard", "empty_shard", "not_a_tar", "corrupt_tar", "duplicate_member")
+BAD_DATA_REASONS = SAMPLE_SKIP_REASONS + SHARD_ERROR_REASONS
 
 # A stream that reads this many chunks in a row without a single sample has no readable shard left.
 _EMPTY_CHUNKS_LIMIT = 64
@@ -120,34 +124,86 @@ def _entropy(spec: StreamSpec, stream: int, *rest: int) -> list[int]:
     return [spec.seed % (2**63), spec.rank, stream, spec.reseed, *rest]
 
 
-def _classify(exn: BaseException) -> str:
-    if isinstance(exn, tarfile.TarError):
-        return "corrupt_tar"
-    if isinstance(exn, OSError):
+class _CountingReader:
+    """A read-only stream wrapper that counts the bytes read (tells an empty shard from a broken one)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.bytes = 0
+
+    def read(self, *args) -> bytes:
+        data = self._stream.read(*args)
+        self.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _classify(exn: BaseException, nbytes: int, members: int) -> str:
+    if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
         return "unreadable_shard"
-    return "corrupt_tar"
+    if nbytes == 0:
+        return "empty_shard"
+    return "not_a_tar" if members == 0 else "corrupt_tar"
+
+
+def _unique_members(files: Iterator[dict], url: str, counters: Counters, members: list) -> Iterator[dict]:
+    """Tar members in order, without repeats (each dropped member counted as duplicate_member).
+
+    webdataset groups adjacent members by key. A (key, extension) seen twice in a row would abort the rest of the
+    shard, and a key that comes back after another key would make a second sample with the same key: the first
+    copy is kept and the repeats are dropped, so the keys of a shard's samples are unique.
+    """
+    done: set = set()  # keys whose members are behind us
+    current, exts = None, set()
+    for f in files:
+        members[0] += 1
+        name = f.get("fname")
+        key, ext = base_plus_ext(name) if isinstance(name, str) else (None, None)
+        if key is None:  # not a sample member (webdataset skips it too)
+            yield f
+            continue
+        if key != current:
+            if key in done:
+                counters.shard_error("duplicate_member", url)
+                log.debug("shard %s: member %s repeats key %s, dropped", url, name, key)
+                continue
+            if current is not None:
+                done.add(current)
+            current, exts = key, set()
+        if ext.lower() in exts:
+            counters.shard_error("duplicate_member", url)
+            log.debug("shard %s: duplicate member %s dropped", url, name)
+            continue
+        exts.add(ext.lower())
+        yield f
 
 
 def read_shard(url: str, counters: Counters) -> Iterator[dict]:
     """Raw samples ({"__key__", ext: bytes}) of one shard; read/tar failures are counted, never raised."""
     try:
-        stream = gopen(url, "rb")
+        stream = _CountingReader(gopen(url, "rb"))
     except Exception as exn:
         counters.shard_error("unreadable_shard", url)
         log.debug("cannot open shard %s: %s", url, exn)
         return
 
     failed = []
+    members = [0]  # tar members read so far
 
     def stop(exn: BaseException) -> bool:  # webdataset handler: count, then drop the rest of the shard
         failed.append(exn)
-        counters.shard_error(_classify(exn), url)
+        counters.shard_error(_classify(exn, stream.bytes, members[0]), url)
         log.debug("shard %s: %s", url, exn)
         return False
 
     try:
         files = (dict(f, __url__=url) for f in tar_file_iterator(stream, handler=stop))
-        yield from group_by_keys(files, handler=stop)
+        yield from group_by_keys(_unique_members(files, url, counters, members), handler=stop)
     except Exception as exn:  # raised outside webdataset's handlers (tar header / open errors)
         stop(exn)
     finally:
@@ -304,4 +360,5 @@ class ViewStream(IterableDataset):
             frac = content_fraction([r[1][v.render_key] for r in rows], v)
             if frac is not None:
                 content[v.name] = frac
-        return Batch(student, teachers, label_t, [r[0] for r in rows], {"stream": stream, "position": position}, content)
+        return Batch(student, teachers, label_t, [r[0] for r in rows], {"stream": stream, "position": position}, content,
+                     views={v.name: v for v in self.spec.teacher_views}, student_view=self.spec.student)

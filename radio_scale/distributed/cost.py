@@ -15,12 +15,18 @@ Memory model (bf16 on GPU, per rank, in bytes):
   token per channel per block, r = MLP ratio (34 for r = 4: Korthikanti et al. 2022 without dropout masks).
   With activation checkpointing a block keeps only its bf16 input (2 B) and one block at a time is
   recomputed in full;
-- teachers: bf16 params, full if replicated, /group size + gathered blocks if FSDP-sharded; no-grad forward
+- teachers: bf16 params, full if replicated; if FSDP-sharded, the image encoder /group size + its gathered
+  blocks, and the parts the forward never runs (CLIP's text tower, SAM's decoder) in full; no-grad forward
   keeps one block's transient tensors (TEACHER_ACT_BYTES(r) = 12 + 4r B per token per channel), plus the
   N x N attention matrices where the implementation materialises them (SAM's image encoder);
 - adaptor heads and losses: per teacher of the group, bf16 head activations at the student's tokens and
   fp32 predictions/targets at the larger of the two grids;
 - RUNTIME_OVERHEAD_GB for the CUDA context, NCCL buffers and allocator fragmentation.
+
+Communication of a sharded teacher: every forward all-gathers its image encoder once (one block at a time,
+the next prefetched while the current one computes), so a rank receives BF16 x encoder params x (n-1)/n bytes
+per step; at `hardware.interconnect_gbps` that takes teacher_comm_s, overlapped with the teacher's compute
+(the teacher's time is the larger of the two).
 """
 from __future__ import annotations
 
@@ -39,9 +45,7 @@ FSDP_GATHERED_BLOCKS = 2  # the block being computed and the one prefetched
 RUNTIME_OVERHEAD_GB = 3.0
 STUDENT_TRAIN_FORWARDS = 3  # forward + backward (backward = 2 forwards)
 RECOMPUTE_FORWARDS = 1  # activation checkpointing reruns the forward once during backward
-# A teacher with "sharding: auto" is FSDP-sharded over its group from this many parameters, replicated below
-# (the same threshold as radio_scale.distributed.parallel.AUTO_SHARD_PARAMS; kept here so planning imports no torch).
-AUTO_SHARD_PARAMS = 1_000_000_000
+DEFAULT_INTERCONNECT_GBPS = 50.0  # GB/s one rank all-gathers at (InfiniBand NDR 400 Gb/s across nodes)
 
 
 def act_bytes(mlp_ratio: float) -> float:
@@ -177,6 +181,19 @@ class TeacherCost:
     has_summary: bool
     gathered_params: int  # parameters FSDP holds unsharded at once (blocks in flight + root)
     source: str  # where the numbers come from: table, teacher_spec, open_clip config, timm meta
+    encoder_params: int = 0  # the image encoder's parameters (what FSDP shards and gathers); 0: all of params
+
+    @property
+    def sharded_params(self) -> int:
+        """Parameters FSDP shards over the group (the image encoder); the rest stays whole on every rank."""
+        return min(self.encoder_params or self.params, self.params)
+
+
+def teacher_comm_bytes(teacher: TeacherCost, group_size: int) -> float:
+    """Bytes one rank receives per forward of an FSDP-sharded teacher (all-gather of its encoder, bf16)."""
+    if group_size <= 1:
+        return 0.0
+    return BF16 * teacher.sharded_params * (group_size - 1) / group_size
 
 
 def _clip(width, depth, patch, heads, image, proj) -> VisionArch:
@@ -290,7 +307,7 @@ def _timm_meta_cost(tc: TeacherConfig, input_size: Optional[int]) -> TeacherCost
             h.remove()
     dim = int(getattr(model, "num_features", 0) or 0)
     return TeacherCost(tc.name, size, params, flops, 3.0 * BF16 * peak[0], out_tokens, dim, dim, True,
-                       params, source)
+                       params, source, params)
 
 
 def _with_spec(tc: TeacherConfig, cost: TeacherCost) -> TeacherCost:
@@ -325,7 +342,7 @@ def teacher_cost(tc: TeacherConfig) -> TeacherCost:
             tc.name, size, arch.params, arch.forward_flops(size), arch.forward_working_bytes(size),
             (size // arch.patch_size) ** 2, arch.out_dim or arch.width, arch.summary_dim, arch.summary_dim > 0,
             FSDP_GATHERED_BLOCKS * arch.block_params + (arch.params - arch.depth * arch.block_params),
-            "table" if key in KNOWN_TEACHERS else "open_clip config",
+            "table" if key in KNOWN_TEACHERS else "open_clip config", arch.params,
         )
     elif key in KNOWN_CONVNETS and not tc.model_kwargs:
         cnn = KNOWN_CONVNETS[key]
@@ -333,7 +350,7 @@ def teacher_cost(tc: TeacherConfig) -> TeacherCost:
         area = (size / 224) ** 2
         cost = TeacherCost(tc.name, size, cnn.params, cnn.gflops_224 * 1e9 * area,
                            3.0 * BF16 * cnn.peak_act_elems_224 * area, (size // cnn.stride) ** 2,
-                           cnn.out_dim, cnn.out_dim, True, cnn.params, "table")
+                           cnn.out_dim, cnn.out_dim, True, cnn.params, "table", cnn.params)
     elif tc.family in ("timm", "dinov2"):
         cost = _timm_meta_cost(tc, tc.input_size)
     else:
@@ -387,9 +404,58 @@ class StudentCost:
         return sharded + (gathered if world_size > 1 else 0.0)
 
 
+class BackboneArch:
+    """A non-ViT student (E-RADIO, timm:<name>) seen through VisionArch's interface, from the student's own figures
+    (radio_scale.models.registry.student_figures: FLOPs and saved-activation bytes measured on the meta device,
+    per resolution). The FSDP2 wrap units play the blocks: depth = their count, block_params = the largest."""
+
+    def __init__(self, student: StudentConfig, num_summary: int):
+        from radio_scale.models.registry import student_figures
+
+        self._student, self._num_summary, self._figures = student, num_summary, {}
+        self._measure = student_figures
+        base = self.figures(224 if student.arch.startswith("timm:") else 256)
+        self.width, self.patch_size = base.width, base.stride
+        self.params = base.params
+        self.unit_params = base.unit_params
+        self.depth = len(base.unit_params)
+        self.block_params = max(base.unit_params, default=0)
+        self.mlp_ratio = 4.0
+
+    def figures(self, resolution: int):
+        if resolution not in self._figures:
+            self._figures[resolution] = self._measure(self._student, self._num_summary, resolution)
+        return self._figures[resolution]
+
+    def tokens(self, image_size: int) -> int:
+        g = image_size // self.patch_size
+        return g * g
+
+    def forward_flops(self, image_size: int, window_size: Optional[int] = None) -> float:
+        return self.figures(image_size).forward_flops
+
+    def train_activation_bytes(self, image_size: int, checkpointing: bool) -> float:
+        f = self.figures(image_size)
+        return f.act_bytes_ckpt if checkpointing else f.act_bytes
+
+
+@dataclass(frozen=True)
+class BackboneStudentCost(StudentCost):
+    """StudentCost of a non-ViT student: the root is everything outside its wrap units."""
+
+    @property
+    def root_params(self) -> int:
+        return self.params - sum(self.arch.unit_params)
+
+
 def student_cost(cfg: RunConfig) -> StudentCost:
     """The student of a run: one summary token and one summary head per summary teacher, one spatial head each."""
     teachers = [teacher_cost(t) for t in cfg.teachers]
+    if cfg.student.arch not in STUDENT_PRESETS:  # E-RADIO, timm:<name>: the student's own figures
+        arch = BackboneArch(cfg.student, sum(t.has_summary for t in teachers))
+        d = arch.width
+        heads = sum((d * d + d * t.summary_dim if t.has_summary else 0) + d * d + d * t.embed_dim for t in teachers)
+        return BackboneStudentCost(arch, heads)
     arch = student_arch(cfg.student, sum(t.has_summary for t in teachers))
     d = arch.width
     # every head is a 2-layer MLP with the student's width as hidden size

@@ -9,10 +9,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-# A teacher above this many parameters is sharded over its group when its config says "auto".
-AUTO_SHARD_PARAMS = 1_000_000_000
-
-
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """The run's compute dtype rule: `precision` bf16, or auto on a GPU (auto on CPU stays fp32: bf16 matmuls
     are about 10x slower there). Student, heads and teachers all follow it."""
@@ -56,30 +52,62 @@ def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device,
     return model
 
 
+BLOCK_LIST_NAMES = ("blocks", "resblocks", "layers")
+
+
+def teacher_encoder(teacher: nn.Module) -> nn.Module:
+    """The part of a teacher its forward runs: open_clip's image tower (its timm trunk, if it has one), SAM's
+    image encoder, the timm model of a DINOv2/timm teacher. CLIP's text tower and SAM's prompt encoder and
+    mask decoder are not in it."""
+    model = getattr(teacher, "model", teacher)
+    family = getattr(teacher, "family", "")
+    if family == "open_clip" or hasattr(model, "visual"):
+        visual = model.visual
+        return getattr(visual, "trunk", visual)
+    if family == "sam" or hasattr(model, "image_encoder"):
+        return model.image_encoder
+    return model
+
+
+def block_lists(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's transformer block containers (nn.ModuleList or nn.Sequential called blocks / resblocks /
+    layers, e.g. open_clip's transformer.resblocks, timm's DINOv2 `blocks` Sequential, SAM's `blocks`)."""
+    found = []
+    for mod in encoder.modules():
+        for name in BLOCK_LIST_NAMES:
+            seq = getattr(mod, name, None)
+            if (isinstance(seq, (nn.ModuleList, nn.Sequential)) and len(seq) > 1 and seq not in found
+                    and any(p.numel() for p in seq.parameters())):
+                found.append(seq)
+    return found
+
+
 def shard_teacher(teacher: nn.Module, mode: str, group: Optional[dist.ProcessGroup], device: torch.device,
                   precision: str) -> nn.Module:
-    """A frozen teacher: FSDP2 over its group's ranks ("fsdp"), or a full copy per rank ("replicate")."""
-    n_params = sum(p.numel() for p in teacher.parameters())
-    if mode == "auto":
-        mode = "fsdp" if n_params >= AUTO_SHARD_PARAMS else "replicate"
+    """A frozen teacher: FSDP2 over its group's ranks ("fsdp"), or a full copy per rank ("replicate").
+
+    The plan resolves "auto" (by memory, `radio_scale.distributed.plan`); called directly, "auto" replicates.
+    Sharded, the image encoder becomes one FSDP unit per transformer block plus one for the rest of it, so a
+    forward all-gathers one block at a time (the next one prefetched) instead of the whole encoder at once.
+    What the forward never runs (CLIP's text tower and its scalar `logit_scale`, which FSDP cannot shard, SAM's
+    prompt encoder and mask decoder) stays whole on every rank.
+    """
     if uses_bf16(device, precision):
         # Teachers only run forward: a bf16 copy (inputs cast by Teacher.check_input) needs no fp32 master
         # weights; tests/test_precision.py checks it against FSDP2's bf16 param policy on the same teacher.
         teacher.to(torch.bfloat16)
-    if mode == "replicate" or group is None or dist.get_world_size(group) <= 1:
+    if mode != "fsdp" or group is None or dist.get_world_size(group) <= 1:
         return teacher
-    mesh = DeviceMesh.from_group(group, device.type)
-    # Shard each transformer block if the teacher exposes them, so only one block is gathered at a time.
-    for name in ("blocks", "resblocks", "layers"):
-        for mod in teacher.modules():
-            seq = getattr(mod, name, None)
-            if isinstance(seq, nn.ModuleList) and len(seq) > 1 and any(p.numel() for p in seq.parameters()):
-                for blk in seq:
-                    fully_shard(blk, mesh=mesh)
-    fully_shard(teacher, mesh=mesh)
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    for method in ("forward_features", "encode_image"):
-        if hasattr(teacher, method):
-            register_fsdp_forward_method(teacher, method)
+    mesh = DeviceMesh.from_group(group, device.type)
+    encoder = teacher_encoder(teacher)
+    for seq in block_lists(encoder):
+        for blk in seq:
+            fully_shard(blk, mesh=mesh)
+    fully_shard(encoder, mesh=mesh)
+    # the adapters call these methods of the encoder rather than forward (timm: forward_features + forward_head)
+    for method in ("forward_features", "forward_head"):
+        if hasattr(encoder, method):
+            register_fsdp_forward_method(encoder, method)
     return teacher

@@ -12,9 +12,10 @@ Rank counts. Each group of a stage asks for `ranks`: an int (a count), a float (
 world) or "auto". Fixed counts are served first, then fractions (largest remainder, at least one rank
 each; when no group is "auto" the fractions share what is left in proportion), then the "auto" groups
 split the rest. Ranks are contiguous blocks in config order. A stage with one group takes the whole
-world. A world with fewer ranks than the stage has groups (e.g. resuming a 2-group run on 1 process)
-places several groups on one rank, which then computes each group's batch in turn every step:
-`groups_of(rank)` lists them.
+world. A count larger than the world size is an error naming `stages.N.groups.M.ranks` (never clamped).
+A world with fewer ranks than the stage has groups (e.g. resuming a 2-group run on 1 process) places
+several groups on one rank, which then computes each group's batch in turn every step: `groups_of(rank)`
+lists them.
 
 Planning ("auto"). When a group has `ranks: auto` or `allow_batch_tuning`, the planner also chooses,
 for such groups, activation checkpointing (on/off) and, with `allow_batch_tuning`, the batch per rank
@@ -30,9 +31,16 @@ for such groups, activation checkpointing (on/off) and, with `allow_batch_tuning
    take the smallest share deviation, then the batch closest to the recipe's.
 If no plan satisfies 1 or 2, the closest one is returned with a warning (a dry-run should still print).
 
+Teacher sharding. A teacher with `sharding: auto` is resolved by memory, per group: replicated (a bf16 copy
+per rank, no communication) when the group fits the memory limit that way, else FSDP-sharded over the group,
+the largest teacher first, until it fits. A sharded teacher all-gathers its encoder every forward
+(cost.teacher_comm_bytes) at `hardware.interconnect_gbps`, overlapped with its compute: its time is the larger
+of the two. The table prints which teachers are sharded and the bytes a rank all-gathers per step.
+
 Time and utilisation. A rank's step FLOPs are batch x (student forward x 3, x 4 with activation
 checkpointing, + every teacher's forward), averaged over the student's window sizes (one is sampled
-per step). Step time = FLOPs / (device_tflops x mfu). Planned utilisation = Σ over ranks of the rank's
+per step). Step time = FLOPs / (device_tflops x mfu), a sharded teacher's forward taking at least its
+communication time. Planned utilisation = Σ over ranks of the rank's
 busy time / (world size x the step time of the slowest group), so a perfectly balanced plan is 1.0;
 with sampling rates, a group only computes on the steps where it is active and the step time is the
 expectation, over which groups are active, of the slowest active group. `lockstep_utilisation` is a
@@ -51,8 +59,8 @@ import numpy as np
 
 from radio_scale.config.schema import GroupConfig, RunConfig, StageConfig
 from radio_scale.distributed.cost import (
-    AUTO_SHARD_PARAMS,
     BF16,
+    DEFAULT_INTERCONNECT_GBPS,
     GB,
     RECOMPUTE_FORWARDS,
     RUNTIME_OVERHEAD_GB,
@@ -61,6 +69,7 @@ from radio_scale.distributed.cost import (
     TeacherCost,
     head_loss_bytes,
     student_cost,
+    teacher_comm_bytes,
     teacher_cost,
 )
 
@@ -110,6 +119,8 @@ class GroupPlan:
     step_time_s: float  # step_flops / (device_tflops x mfu)
     memory_gb: float  # estimated peak per rank
     memory_breakdown_gb: dict[str, float]
+    teacher_comm_gb: float = 0.0  # bytes a rank all-gathers per active step for its sharded teachers
+    teacher_comm_s: float = 0.0  # their time at the planned interconnect bandwidth (overlapped with compute)
 
     @property
     def num_ranks(self) -> int:
@@ -143,6 +154,7 @@ class RankPlan:
     mfu: float
     planned: bool  # the planner chose ranks, batch or checkpointing for some group
     warnings: tuple[str, ...] = field(default=())
+    interconnect_gbps: float = DEFAULT_INTERCONNECT_GBPS
 
     @property
     def effective_batch(self) -> float:
@@ -175,8 +187,16 @@ class RankPlan:
                              f"at world size {self.world_size}: use groups_of")
         return mine[0]
 
-    def build_process_groups(self) -> dict[str, "dist.ProcessGroup"]:
-        """One process subgroup per group, created in the same order on every rank; returns this rank's groups."""
+    def build_process_groups(self, timeout_s: Optional[float] = None) -> dict[str, "dist.ProcessGroup"]:
+        """One process subgroup per group, created in the same order on every rank; returns this rank's groups.
+
+        timeout_s: the collective timeout of every subgroup (the run's `monitor.collective_timeout_s`). Without
+        it `new_group` would not inherit the world's timeout but take the backend's default (10 min for NCCL),
+        shorter than the watchdog's phase timeouts: NCCL would abort every rank before the watchdog could dump
+        stacks and requeue.
+        """
+        import datetime
+
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -185,9 +205,10 @@ class RankPlan:
             raise RuntimeError(f"plan of stage '{self.stage_name}' is for {self.world_size} ranks, "
                                f"the process group has {dist.get_world_size()}")
         me = dist.get_rank()
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
         mine = {}
         for g in self.groups:  # every rank must call new_group for every group, in the same order
-            pg = dist.new_group(list(g.ranks))
+            pg = dist.new_group(list(g.ranks), timeout=timeout)
             if me in g.ranks:
                 mine[g.name] = pg
         return mine
@@ -206,6 +227,7 @@ class RankPlan:
             "lockstep_utilisation": self.lockstep_utilisation,
             "memory_limit_gb": self.memory_limit_gb,
             "device_tflops": self.device_tflops,
+            "interconnect_gbps": self.interconnect_gbps,
             "mfu": self.mfu,
             "planned": self.planned,
             "warnings": list(self.warnings),
@@ -220,6 +242,8 @@ class RankPlan:
                     "sampling_rate": g.sampling_rate,
                     "activation_checkpointing": g.activation_checkpointing,
                     "teacher_sharding": dict(g.teacher_sharding),
+                    "teacher_comm_gb": g.teacher_comm_gb,
+                    "teacher_comm_s": g.teacher_comm_s,
                     "step_tflops": g.step_flops / 1e12,
                     "useful_tflops": g.useful_flops / 1e12,
                     "step_time_s": g.step_time_s,
@@ -235,14 +259,15 @@ class RankPlan:
     def table(self) -> str:
         """A plain-text table of the plan (what `radio-launch --dry-run` prints)."""
         head = ["group", "ranks", "n", "batch", "res", "rate", "AC", "TFLOP/rank", "step ms", "mem GB", "samples",
-                "teachers"]
+                "gather GB", "teachers (F: FSDP-sharded, R: replicated)"]
         rows = [head]
         for g in self.groups:
             over = " !" if g.memory_gb > self.memory_limit_gb else ""
             rows.append([g.name, _rank_span(g.ranks), str(g.num_ranks), str(g.batch_per_rank), str(g.resolution),
                          f"{g.sampling_rate:.2f}", "on" if g.activation_checkpointing else "off",
                          f"{g.step_flops / 1e12:.4g}", f"{g.step_time_s * 1e3:.4g}", f"{g.memory_gb:.1f}{over}",
-                         f"{g.expected_samples:g}", ",".join(g.teachers)])
+                         f"{g.expected_samples:g}", f"{g.teacher_comm_gb:.3g}",
+                         ",".join(f"{t}:{'F' if g.teacher_sharding.get(t) == 'fsdp' else 'R'}" for t in g.teachers)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(
@@ -251,7 +276,8 @@ class RankPlan:
             f"utilisation {self.utilisation:.3f} (goodput {self.goodput:.3f}, lockstep {self.lockstep_utilisation:.3f})"
         )
         lines.append(f"assumes {self.device_tflops:g} TFLOPS x {self.mfu:g} MFU per rank, "
-                     f"{self.memory_limit_gb:g} GB memory limit")
+                     f"{self.memory_limit_gb:g} GB memory limit, {self.interconnect_gbps:g} GB/s all-gather "
+                     "bandwidth for sharded teachers")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -318,6 +344,14 @@ def _fixed_counts(stage: StageConfig, world_size: int) -> list[Optional[int]]:
     return counts
 
 
+def check_rank_counts(stage: StageConfig, stage_index: int, world_size: int) -> None:
+    """A group that asks for more ranks (a count) than the world has is an error, never silently clamped."""
+    for j, g in enumerate(stage.groups):
+        if _rank_kind(g) == "count" and g.ranks > world_size:
+            raise ValueError(f"key 'stages.{stage_index}.groups.{j}.ranks' asks for {g.ranks} ranks (group '{g.name}' "
+                             f"of stage '{stage.name}'), more than the world size {world_size}")
+
+
 def _rank_kind(g: GroupConfig) -> str:
     if isinstance(g.ranks, str):
         if g.ranks != "auto":
@@ -360,6 +394,18 @@ class _Option:
     mem_fixed: float  # bytes that do not depend on the group's rank count
     mem_sharded: float  # teacher bytes divided by the group's rank count
     mem_parts: dict
+    sharding: dict = field(default_factory=dict)  # teacher -> "fsdp" | "replicate"
+    comm_s: float = 0.0  # all-gather time of the sharded teachers per active step (upper bound: (n-1)/n ~ 1)
+    teacher_compute_s: float = 0.0  # teachers' forward compute alone (teacher_s minus communication not hidden)
+
+    @property
+    def compute_s(self) -> float:
+        """Compute time alone (FLOPs / rate), without communication that compute does not hide."""
+        return self.teacher_compute_s + float(np.mean(self.student_s))
+
+    @property
+    def useful_compute_s(self) -> float:
+        return self.teacher_compute_s + float(np.mean(self.useful_student_s))
 
     @property
     def time_s(self) -> float:
@@ -377,25 +423,33 @@ class _Option:
 class _GroupModel:
     cfg: GroupConfig
     teachers: tuple[TeacherCost, ...]
-    sharding: dict[str, str]
+    sharding: dict[str, str]  # the configured mode per teacher: "auto" | "replicate" | "fsdp"
     tunable: bool
 
-
-def _sharding(mode: str, params: int) -> str:
-    if mode == "auto":
-        return "fsdp" if params >= AUTO_SHARD_PARAMS else "replicate"
-    return mode
+    def sharding_variants(self) -> list[dict[str, str]]:
+        """Ways to resolve the "auto" teachers, cheapest in communication first: all replicated, then the largest
+        one sharded, the two largest, ... (a teacher sharded only when memory needs it: see `options`)."""
+        auto = sorted((t for t in self.teachers if self.sharding[t.name] == "auto"), key=lambda t: -t.params)
+        fixed = {k: v for k, v in self.sharding.items() if v != "auto"}
+        return [{**fixed, **{t.name: ("fsdp" if i < k else "replicate") for i, t in enumerate(auto)}}
+                for k in range(len(auto) + 1)]
 
 
 def _option(gm: _GroupModel, student: StudentCost, batch: int, ac: bool, world_size: int, windows: tuple[int, ...],
-            flops_per_s: float, colocated: tuple[TeacherCost, ...] = ()) -> _Option:
+            flops_per_s: float, colocated: tuple[TeacherCost, ...] = (), sharding: Optional[dict] = None,
+            bytes_per_s: float = DEFAULT_INTERCONNECT_GBPS * 1e9) -> _Option:
     res = gm.cfg.resolution
+    sharding = dict(gm.sharding if sharding is None else sharding)
     fwd = [student.forward_flops(res, w) for w in windows]
     k = STUDENT_TRAIN_FORWARDS + (RECOMPUTE_FORWARDS if ac else 0)
-    teacher_flops = sum(t.forward_flops for t in gm.teachers)
-    sharded = sum(BF16 * t.params for t in gm.teachers if gm.sharding[t.name] == "fsdp")
-    gathered = sum(BF16 * t.gathered_params for t in gm.teachers if gm.sharding[t.name] == "fsdp")
-    replicated = sum(BF16 * t.params for t in gm.teachers if gm.sharding[t.name] == "replicate")
+    fsdp = [t for t in gm.teachers if sharding[t.name] == "fsdp"]
+    # a sharded teacher's forward takes at least its all-gather (prefetched: overlapped with its compute)
+    comm = {t.name: teacher_comm_bytes(t, 2**30) / bytes_per_s for t in fsdp}
+    teacher_s = sum(max(batch * t.forward_flops / flops_per_s, comm.get(t.name, 0.0)) for t in gm.teachers)
+    sharded = sum(BF16 * t.sharded_params for t in fsdp)
+    # blocks in flight + the encoder's root, and what the forward never runs (text tower, decoder), whole
+    gathered = sum(BF16 * (t.gathered_params + t.params - t.sharded_params) for t in fsdp)
+    replicated = sum(BF16 * t.params for t in gm.teachers if sharding[t.name] != "fsdp")
     replicated += sum(BF16 * t.params for t in colocated)
     parts = {
         "student_states": student.state_bytes(world_size),
@@ -408,12 +462,15 @@ def _option(gm: _GroupModel, student: StudentCost, batch: int, ac: bool, world_s
     return _Option(
         batch=batch,
         checkpointing=ac,
-        teacher_s=batch * teacher_flops / flops_per_s,
+        teacher_s=teacher_s,
         student_s=tuple(batch * k * f / flops_per_s for f in fwd),
         useful_student_s=tuple(batch * STUDENT_TRAIN_FORWARDS * f / flops_per_s for f in fwd),
         mem_fixed=sum(parts.values()),
         mem_sharded=sharded,
         mem_parts=parts,
+        sharding=sharding,
+        comm_s=sum(comm.values()),
+        teacher_compute_s=batch * sum(t.forward_flops for t in gm.teachers) / flops_per_s,
     )
 
 
@@ -461,7 +518,7 @@ def _step_time(classes: list[list[tuple[int, _Option]]], rates: list[float], loc
 
 def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit_gb: Optional[float] = None,
               device_tflops: Optional[float] = None, mfu: float = DEFAULT_MFU,
-              share_tolerance: float = 0.25) -> RankPlan:
+              share_tolerance: float = 0.25, interconnect_gbps: Optional[float] = None) -> RankPlan:
     """Plan stage `stage_index` of `cfg` on `world_size` ranks (see the module docstring for the rules).
 
     memory_limit_gb / device_tflops default to the run's `cfg.hardware` (device_tflops then to the H100
@@ -471,11 +528,17 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         memory_limit_gb = cfg.hardware.gpu_memory_gb
     if device_tflops is None:
         device_tflops = cfg.hardware.gpu_tflops
+    if interconnect_gbps is None:
+        interconnect_gbps = getattr(cfg.hardware, "interconnect_gbps", DEFAULT_INTERCONNECT_GBPS)
+    if not interconnect_gbps > 0:
+        raise ValueError(f"interconnect_gbps must be > 0, got {interconnect_gbps}")
+    bytes_per_s = interconnect_gbps * 1e9
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if not 0 <= stage_index < len(cfg.stages):
         raise ValueError(f"stage index {stage_index} is out of range: the run has {len(cfg.stages)} stages")
     stage = cfg.stages[stage_index]
+    check_rank_counts(stage, stage_index, world_size)
     tflops = DEFAULT_DEVICE_TFLOPS if device_tflops is None else device_tflops
     if tflops <= 0 or not 0 < mfu <= 1:
         raise ValueError(f"device_tflops must be > 0 and mfu in (0, 1], got {tflops} and {mfu}")
@@ -492,7 +555,7 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         if missing:
             raise ValueError(f"stage '{stage.name}': group '{g.name}' names undeclared teacher '{missing[0]}'")
         ts = tuple(costs[t] for t in g.teachers)
-        models.append(_GroupModel(g, ts, {t.name: _sharding(cfg.teacher(t.name).sharding, t.params) for t in ts},
+        models.append(_GroupModel(g, ts, {t.name: cfg.teacher(t.name).sharding for t in ts},
                                   tunable=g.ranks == "auto" or g.allow_batch_tuning))
     rates = [g.sampling_rate for g in stage.groups]
     ac_default = cfg.student.activation_checkpointing
@@ -501,12 +564,21 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
     def options(gm: _GroupModel, colocated=()) -> list[_Option]:
         acs = (False, True) if gm.tunable else (ac_default,)
         opts = []
+        variants = gm.sharding_variants()
         for b in _batch_candidates(gm.cfg) if gm.tunable else [gm.cfg.batch_per_rank]:
-            here = [_option(gm, student, b, ac, world_size, windows, flops_per_s, colocated) for ac in acs]
+            per_ac = []
+            for ac in acs:
+                here = [_option(gm, student, b, ac, world_size, windows, flops_per_s, colocated, v, bytes_per_s)
+                        for v in variants]
+                # sharding costs communication for the same work: an "auto" teacher is sharded only where the
+                # group does not fit with it replicated (replicated memory does not depend on the rank count)
+                if here[0].memory(1) <= limit:
+                    here = here[:1]
+                per_ac.append(here)
             # checkpointing costs time for the same samples: keep it only where the plain option may not fit
-            if len(here) == 2 and here[0].memory(1) <= limit:
-                here = here[:1]
-            opts.extend(here)
+            if len(per_ac) == 2 and any(o.memory(1) <= limit for o in per_ac[0]):
+                per_ac = per_ac[:1]
+            opts.extend(o for here in per_ac for o in here)
         return opts
 
     # ranks that compute the same groups take the same time: one "class" per distinct set of groups
@@ -530,12 +602,14 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         parts["teacher_params"] += opt.mem_sharded / len(ranks[i]) / GB
         if mem > limit:
             warnings.append(f"group '{gm.cfg.name}' needs {mem / GB:.1f} GB per rank, over the {memory_limit_gb:g} GB limit")
+        comm_bytes = sum(teacher_comm_bytes(t, len(ranks[i])) for t in gm.teachers if opt.sharding[t.name] == "fsdp")
         groups.append(GroupPlan(
             name=gm.cfg.name, teachers=tuple(gm.cfg.teachers), ranks=ranks[i], batch_per_rank=opt.batch,
             resolution=gm.cfg.resolution, sampling_rate=gm.cfg.sampling_rate,
-            activation_checkpointing=opt.checkpointing, teacher_sharding=dict(gm.sharding),
-            step_flops=opt.time_s * flops_per_s, useful_flops=opt.useful_s * flops_per_s, step_time_s=opt.time_s,
-            memory_gb=mem / GB, memory_breakdown_gb=parts,
+            activation_checkpointing=opt.checkpointing, teacher_sharding=dict(opt.sharding),
+            step_flops=opt.compute_s * flops_per_s, useful_flops=opt.useful_compute_s * flops_per_s,
+            step_time_s=opt.time_s, memory_gb=mem / GB, memory_breakdown_gb=parts,
+            teacher_comm_gb=comm_bytes / GB, teacher_comm_s=comm_bytes / bytes_per_s,
         ))
     return RankPlan(
         stage_index=stage_index, stage_name=stage.name, world_size=world_size, groups=tuple(groups),
@@ -543,7 +617,7 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         goodput=useful / (world_size * step) if step > 0 else 0.0,
         lockstep_utilisation=busy / (world_size * lockstep) if lockstep > 0 else 0.0,
         memory_limit_gb=memory_limit_gb, device_tflops=tflops, mfu=mfu,
-        planned=any(gm.tunable for gm in models), warnings=tuple(warnings),
+        planned=any(gm.tunable for gm in models), warnings=tuple(warnings), interconnect_gbps=interconnect_gbps,
     )
 
 

@@ -87,6 +87,7 @@ def log_to_mlflow(report: EvalReport, tracking_uri: str, run_id: str, step: int 
     tracker.log_metrics({k: v for k, v in report.flat().items() if math.isfinite(v)}, step=step)
     for a in artifacts:
         tracker.log_artifact(a, "eval")
+    tracker.flush()  # logging is queued (never blocks training): send it before returning
 
 
 # ------------------------------------------------------------------ periodic evaluation inside training
@@ -97,20 +98,29 @@ def eval_resolution(cfg) -> int:
 
 
 def run_periodic_eval(student, heads, teachers, cfg, step: int, tracker=None, max_train: int = 1000,
-                      max_test: int = 300, fidelity_images: int = 32) -> dict[str, float]:
+                      max_test: int = 300, fidelity_images: int = 32, forward=None) -> dict[str, float]:
     """Fast evaluation for the trainer every `cfg.eval.every` steps: k-NN of every summary head + teacher fidelity.
 
     Call it on every rank: the student may be sharded (FSDP is SPMD), so every rank runs the same student
     forwards; fidelity is computed for the teachers each rank holds and gathered. The tracker (enabled on
     rank 0 only) logs `eval/knn/<set>/<head>/top1`, `eval/fidelity/<teacher>/<metric>` at `step`.
+
+    forward: normalised student views -> every head's output, through the sharded root module (the trainer's
+    `DistillModel`), so FSDP gathers the root's parameters and casts the input to the compute dtype (bf16);
+    None: the student and heads are called directly (an unsharded model).
     """
     import torch
     import torch.distributed as dist
 
     from radio_scale.eval.datasets import classification_set
-    from radio_scale.eval.encoders import student_forward, teacher_output
+    from radio_scale.eval.encoders import _device_of, make_view, student_forward, student_norm, teacher_output
     from radio_scale.eval.fidelity import teacher_fidelity
     from radio_scale.eval.knn import knn_classify
+
+    def heads_of(images, res):
+        if forward is None:
+            return student_forward(student, heads, images, res)[1]
+        return forward(make_view(images, res, *student_norm()).to(_device_of(student)))
 
     t0 = time.perf_counter()
     teachers = list(teachers.values()) if isinstance(teachers, Mapping) else list(teachers or [])
@@ -129,7 +139,7 @@ def run_periodic_eval(student, heads, teachers, cfg, step: int, tracker=None, ma
                 for split, images in (("train", xtr), ("test", xte)):
                     per_head: dict[str, list] = {}
                     for i in range(0, len(images), 128):
-                        _, head_out = student_forward(student, heads, images[i:i + 128], res)
+                        head_out = heads_of(images[i:i + 128], res)
                         for t, (summary, _) in head_out.items():
                             if summary is not None:
                                 per_head.setdefault(t, []).append(summary.float().cpu())
@@ -140,7 +150,7 @@ def run_periodic_eval(student, heads, teachers, cfg, step: int, tracker=None, ma
                     for t in feats["test"]})
             # fidelity: one student pass on held-out images, then each local teacher on the same images
             images = classification_set(cfg.eval.datasets[0]).test_images[:fidelity_images]
-            _, head_out = student_forward(student, heads, images, res)
+            head_out = heads_of(images, res)
             fid = {}
             for teacher in teachers:
                 if teacher.name not in head_out:

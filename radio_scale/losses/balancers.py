@@ -102,7 +102,11 @@ class UncertaintyBalancer(Balancer):
         return (self.prior * torch.exp(-self.log_vars)).detach()
 
     def weighting(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prior * torch.exp(-self.log_vars), (self.prior * self.log_vars).sum()
+        # fp32 whatever the parameter's compute dtype (FSDP's bf16 policy gathers log_vars as bf16). Under FSDP
+        # call it inside the root module's forward (DistillModel.forward(weighting=True)), where the parameter
+        # is gathered: outside it, it is a shard (a DTensor) and mixing it with the prior fails.
+        log_vars = self.log_vars.float()
+        return self.prior * torch.exp(-log_vars), (self.prior * log_vars).sum()
 
     def forward(self, terms: Mapping[str, torch.Tensor]) -> BalancedLoss:
         self._check(terms)

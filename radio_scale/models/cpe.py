@@ -1,6 +1,7 @@
 """Cropped Position Embedding (CPE): one learned position grid serving every input resolution and aspect."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -14,7 +15,8 @@ class CroppedPosEmbed(nn.Module):
 
     Training: each sample takes a random crop of the grid (area fraction drawn from `scale`, aspect w/h
     log-uniform in `ratio`, uniform position), bilinearly resampled to (h, w). Evaluation: the whole grid,
-    bilinearly resized to (h, w). Random numbers come from `generator` (None: torch's global CPU RNG), so
+    bilinearly resized to max(h, w) square, then the top-left h × w (RADIO's inference rule; a plain resize
+    for square inputs). Random numbers come from `generator` (None: torch's global CPU RNG), so
     seeded runs draw the same crops.
     """
 
@@ -47,15 +49,35 @@ class CroppedPosEmbed(nn.Module):
         return torch.stack([cx, cy, half_w, half_h], dim=1)
 
     def forward(self, h: int, w: int, batch: int) -> torch.Tensor:
-        """Position embeddings for an h × w patch grid: [batch, D, h, w] in training, [1, D, h, w] in eval."""
-        if not self.training:
-            if (h, w) == (self.grid, self.grid):
-                return self.pos
-            return F.interpolate(self.pos, size=(h, w), mode="bilinear", align_corners=False)
-        boxes = self.crop_boxes(batch).to(device=self.pos.device, dtype=self.pos.dtype)
-        cx, cy, half_w, half_h = boxes.unbind(1)
-        zero = torch.zeros_like(cx)
-        theta = torch.stack([torch.stack([half_w, zero, cx], 1), torch.stack([zero, half_h, cy], 1)], 1)
-        sampling = F.affine_grid(theta, [batch, 1, h, w], align_corners=False)
-        pos = self.pos.expand(batch, -1, -1, -1)
-        return F.grid_sample(pos, sampling, mode="bilinear", padding_mode="border", align_corners=False)
+        """Position embeddings for an h × w patch grid: [batch, D, h, w] in training, [1, D, h, w] in eval.
+
+        The crop boxes, the sampling grid and the interpolation are computed in fp32 whatever the grid's dtype
+        (FSDP's bf16 parameter policy, autocast), then cast: a crop box rounded to bf16 moves the positions by a
+        quarter to half a cell of a 128-cell grid.
+        """
+        pos = self.pos
+        with _autocast_off(pos.device.type):
+            if not self.training:
+                if (h, w) == (self.grid, self.grid):
+                    return pos
+                # RADIO's inference rule (NVlabs/RADIO's patch generator): the grid resized to the longer side,
+                # square, then its top-left h x w taken; for square inputs this is a plain resize. Training views
+                # are square, and exports loaded by RADIO's own code then give the same features at any shape.
+                side = max(h, w)
+                square = F.interpolate(pos.float(), size=(side, side), mode="bilinear", align_corners=False)
+                return square[:, :, :h, :w].to(pos.dtype)
+            boxes = self.crop_boxes(batch).to(device=pos.device, dtype=torch.float32)
+            cx, cy, half_w, half_h = boxes.unbind(1)
+            zero = torch.zeros_like(cx)
+            theta = torch.stack([torch.stack([half_w, zero, cx], 1), torch.stack([zero, half_h, cy], 1)], 1)
+            sampling = F.affine_grid(theta, [batch, 1, h, w], align_corners=False)
+            grid = pos.float().expand(batch, -1, -1, -1)
+            out = F.grid_sample(grid, sampling, mode="bilinear", padding_mode="border", align_corners=False)
+            return out.to(pos.dtype)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for this device type if it is on (the meta device, used for FLOP counts, has none)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -53,8 +54,10 @@ def latest_complete(root: Path) -> Optional[Path]:
 class Checkpointer:
     """Saves and restores the trainer's state; every rank calls every method (SPMD)."""
 
-    def __init__(self, root: Path, keep: int, async_save: bool, rank: int, world_size: int):
+    def __init__(self, root: Path, keep: int, async_save: bool, rank: int, world_size: int,
+                 kill_in_save_at: Optional[int] = None):
         self.root = Path(root)
+        self.kill_in_save_at = kill_in_save_at  # fault drill (monitor.inject_kill_in_checkpoint)
         self.keep = max(1, keep)
         self.async_save = async_save and world_size >= 1
         self.rank = rank
@@ -116,6 +119,8 @@ class Checkpointer:
         # DCP's finish step gathers every rank's write results before the coordinator writes .metadata, so once
         # rank 0 is here all shards and rank files are on disk.
         if self.rank == 0:
+            if self.kill_in_save_at is not None and trainer_state.get("step") == self.kill_in_save_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault drill: killed mid-save, shards written, no marker
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
             (tmp / COMPLETE).write_text(json.dumps({"step": trainer_state.get("step"), "time": time.time()}))
             if final.exists():

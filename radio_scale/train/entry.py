@@ -17,11 +17,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
 
 
-def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None, on_hang=None) -> str:
+def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None, on_hang=None, device: str = "auto") -> str:
     """Initialise this rank's process group, train, tear down; returns 'finished' or 'preempted'.
 
     on_preempted: called on rank 0 after the preemption checkpoint, while every rank still waits (e.g. requeue).
     on_hang: called by the watchdog of a hung rank before it exits non-zero (e.g. requeue).
+    device: the cluster file's `device` (auto | cpu | cuda); with cuda a rank without a usable GPU refuses to start.
     """
     import torch
 
@@ -29,7 +30,7 @@ def run_rank(cfg: RunConfig, run_dir: Path, on_preempted=None, on_hang=None) -> 
     from radio_scale.train.trainer import Trainer
 
     torch.set_num_threads(max(1, int(os.environ.get("RADIO_THREADS_PER_RANK", torch.get_num_threads()))))
-    env = init_distributed(timeout_s=cfg.monitor.collective_timeout_s)
+    env = init_distributed(timeout_s=cfg.monitor.collective_timeout_s, device=device)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         status = Trainer(cfg, env, run_dir, on_hang=on_hang).run()

@@ -30,13 +30,37 @@ def export_student(model: nn.Module, cfg: RunConfig, specs, out_dir: Path, is_ma
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in full.items()
                if k.startswith(("student.", "heads.")) and isinstance(v, torch.Tensor)}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "radio_scale", "recipe": cfg.name})
+    bake_standardizer(tensors, full)
+    # One metadata entry: safetensors writes its metadata map in hash order, so two entries would make the bytes
+    # of two identical exports differ between processes. The recipe and teachers are in the files beside it.
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "radio_scale"})
     (tmp / "config.yaml").write_text(config_to_yaml(cfg))
     (tmp / "teachers.json").write_text(json.dumps([_spec_dict(s) for s in specs], indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def bake_standardizer(tensors: dict, full: dict) -> None:
+    """PHI-S (loss.standardize=phi_s): fold each term's inverse transform into its head's last Linear, in place, so
+    the exported heads output features in the teacher's own space and load into plain AdaptorHeads."""
+    from radio_scale.losses.phis import bake_inverse
+
+    prefix = "standardizer."
+    if f"{prefix}ready" not in full:
+        return
+    for key, value in full.items():
+        if not (key.startswith(prefix) and key.endswith("_inv")):
+            continue
+        base = key[len(prefix):-len("_inv")]
+        teacher, kind = base.rsplit("__", 1)
+        mean = full[f"{prefix}{base}_mean"].float()
+        inv = value.float()
+        if torch.equal(inv, torch.eye(inv.shape[0])) and not mean.any():
+            continue  # never estimated (a teacher no stage used): the identity
+        w, b = f"heads.{kind}.{teacher}.3.weight", f"heads.{kind}.{teacher}.3.bias"
+        tensors[w], tensors[b] = (t.contiguous() for t in bake_inverse(tensors[w].float(), tensors[b].float(), inv, mean))
 
 
 def _spec_dict(spec) -> dict:

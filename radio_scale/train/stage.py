@@ -75,7 +75,7 @@ def build_stage(cfg: RunConfig, env: DistEnv, index: int, data_positions: Option
     """
     plan = plan_for_run(cfg, env.world_size, index)
     check_launch_plan(plan, cfg.run_dir)
-    pgs = plan.build_process_groups() if dist.is_initialized() else {}
+    pgs = plan.build_process_groups(timeout_s=cfg.monitor.collective_timeout_s) if dist.is_initialized() else {}
     mine = plan.groups_of(env.rank)
     micro = max(len(plan.groups_of(r)) for r in range(env.world_size))
     start = stage_bounds(cfg)[index][0]
@@ -110,6 +110,7 @@ def build_stage(cfg: RunConfig, env: DistEnv, index: int, data_positions: Option
             label_key=cfg.data.label_key,
             position=data_positions.get(g.name),
             bad_shard_warn_after=cfg.data.bad_shard_warn_after,
+            allow_pipe_in_lists=cfg.data.allow_pipe_in_lists,
         )
     return rt
 

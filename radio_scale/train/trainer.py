@@ -45,16 +45,24 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 class DistillModel(nn.Module):
     """Student + every adaptor head + the loss balancer: the one module that is sharded, optimised and saved."""
 
-    def __init__(self, student: nn.Module, heads: AdaptorHeads, balancer: nn.Module):
+    def __init__(self, student: nn.Module, heads: AdaptorHeads, balancer: nn.Module,
+                 standardizer: Optional[nn.Module] = None):
         super().__init__()
         self.student = student
         self.heads = heads
         self.balancer = balancer
+        # loss.standardize=phi_s: the teachers' PHI-S transforms (buffers, so checkpoints carry the estimate)
+        self.standardizer = standardizer
 
-    def forward(self, images: torch.Tensor, window_size: int = 0, names=None) -> dict:
+    def forward(self, images: torch.Tensor, window_size: int = 0, names=None, weighting: bool = False):
         """The predictions of the heads in `names` (None: all) for `images`; the other heads run on one token
-        and join the backward with zero gradients (the root forward, so FSDP gathers the root's parameters)."""
-        return self.heads(self.student(images, window_size=window_size), names)
+        and join the backward with zero gradients (the root forward, so FSDP gathers the root's parameters).
+
+        weighting: also return the balancer's (term weights, regulariser), computed here, inside the root's
+        forward, where FSDP has gathered the balancer's parameters (outside it they are shards: DTensors).
+        """
+        preds = self.heads(self.student(images, window_size=window_size), names)
+        return (preds, self.balancer.weighting()) if weighting else preds
 
 
 @dataclass
@@ -77,9 +85,21 @@ def build_model(cfg: RunConfig) -> tuple[DistillModel, list]:
     torch.manual_seed(cfg.seed)
     specs = [teacher_spec(t) for t in cfg.teachers]
     static = term_weights(cfg.teachers, {s.name: s.has_summary for s in specs})
-    student = build_student(cfg.student, [s.name for s in specs if s.has_summary])
+    from radio_scale.models.registry import build_any_student  # ViT presets, E-RADIO, timm:<name>
+
+    student = build_any_student(cfg.student, [s.name for s in specs if s.has_summary])
     heads = AdaptorHeads(student.embed_dim, specs)
-    return DistillModel(student, heads, build_balancer(cfg.loss, static)), specs
+    standardizer = None
+    if cfg.loss.standardize == "phi_s":
+        from radio_scale.losses.phis import Standardizer
+
+        dims = {}
+        for s in specs:
+            if s.has_summary:
+                dims[f"{s.name}/summary"] = s.summary_dim
+            dims[f"{s.name}/spatial"] = s.embed_dim
+        standardizer = Standardizer(dims)
+    return DistillModel(student, heads, build_balancer(cfg.loss, static), standardizer), specs
 
 
 class Trainer:
@@ -98,6 +118,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints",
             keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, rank=env.rank, world_size=env.world_size,
+            kill_in_save_at=cfg.monitor.inject_kill_in_checkpoint,
         )
         self.nan_guard = NanGuard(rollback_after=cfg.monitor.nan_rollback_after)
         self.step = 0
@@ -105,9 +126,13 @@ class Trainer:
         self.stage: Optional[StageRuntime] = None
         self._iters: dict = {}
         self._seed_rank_rng()
+        # The student's own randomness (CPE crops) comes from this generator, reseeded every step (see
+        # _seed_step): a resumed run draws exactly what an uninterrupted one drew, from any checkpoint.
+        self.model.student.cpe.generator = torch.Generator(device="cpu")
         self.preemption = PreemptionFlag()
         self.tracker = Tracker(cfg.tracking.uri, self.run_dir, cfg.tracking.experiment, cfg.name, enabled=env.is_main)
-        self.heartbeat = Heartbeat(self.run_dir, env.rank, every=cfg.monitor.heartbeat_every)
+        self.heartbeat = Heartbeat(self.run_dir, env.rank, every=cfg.monitor.heartbeat_every,
+                                   every_s=cfg.monitor.heartbeat_every_s)  # by wall time: shared-disk load
         self.watchdog: Optional[Watchdog] = None
         self.stall_s: list[float] = []
         self._logged_until = 0
@@ -120,6 +145,17 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % (2**32))
+
+    def _seed_step(self) -> None:
+        """Seed every random consumer of the training step from (run seed, step, rank, purpose).
+
+        CPE crops draw from the student's generator, DropPath and anything else under torch's global RNG from
+        the global generator: both are reseeded here, so a step's randomness never depends on what ran before it
+        (a data loader built on resume, an evaluation, a rollback), and resuming at any step is exact.
+        """
+        seed, step, rank = self.cfg.seed, self.step, self.env.rank
+        torch.manual_seed(step_seed(seed, step, rank, "global"))
+        self.model.student.cpe.generator.manual_seed(step_seed(seed, step, rank, "cpe"))
 
     def state_dict(self) -> tuple[dict, dict]:
         """(global trainer state for trainer.json, this rank's state); model/optimizer go through DCP."""
@@ -205,6 +241,51 @@ class Trainer:
             atomic_write_json(self.run_dir / f"plan_stage{index}.json", self.stage.plan.to_dict())
             append_event(self.run_dir, "start", 0, f"stage {index} '{cfg.stages[index].name}' at step {self.step}",
                          stage=index, step=self.step)
+        self._estimate_standardizer()
+
+    def _estimate_standardizer(self) -> None:
+        """PHI-S: estimate the transforms of this stage's teachers that have none yet (loss.standardize=phi_s).
+
+        Every rank runs loss.standardize_batches batches of each of its groups through their teachers, sums the
+        feature statistics in float64, and all-reduces them (ranks without a teacher add zeros), so every rank
+        computes the same transform once; checkpoints carry it, so a resumed run never re-estimates it.
+        """
+        std = getattr(self.model, "standardizer", None)
+        if std is None:
+            return
+        from radio_scale.losses.phis import feature_rows, stats_of, transform_from_stats
+
+        rt, dev = self.stage, self.device
+        needed = []  # the same list on every rank: from the global plan
+        for g in rt.plan.groups:
+            for t in g.teachers:
+                for term in (f"{t}/summary", f"{t}/spatial"):
+                    if term in std.terms and term not in needed and not std.is_ready(term):
+                        needed.append(term)
+        if not needed:
+            return
+        dims = {term: std.parts(term)[0].numel() for term in needed}
+        stats = {term: stats_of(None, c).to(dev) for term, c in dims.items()}
+        for g in rt.groups:
+            for _ in range(self.cfg.loss.standardize_batches):
+                batch = next(self._iters[g.name]).normalized(dev)
+                with torch.no_grad():
+                    for name in g.teachers:
+                        out = rt.teachers[name](batch.teachers[name])
+                        feats = {f"{name}/summary": out.summary,
+                                 f"{name}/spatial": crop_to_content(out.spatial.float(), batch.content.get(name))}
+                        for term, x in feats.items():
+                            if term in stats and x is not None:
+                                stats[term] += stats_of(feature_rows(x.float()), dims[term]).to(dev)
+        for term in needed:
+            if dist.is_initialized():
+                dist.all_reduce(stats[term])
+            mean, tx, inv = transform_from_stats(stats[term].cpu(), dims[term])
+            std.set(term, mean.to(dev), tx.to(dev), inv.to(dev))
+        if self.env.is_main:
+            counts = {term: int(stats[term][0]) for term in needed}
+            append_event(self.run_dir, "phi_s", 0, f"PHI-S estimated for {', '.join(needed)} at step {self.step}",
+                         step=self.step, vectors=counts)
 
     def window_size(self, step: int) -> int:
         """The step's attention window (0 = global), the same on every rank."""
@@ -215,21 +296,23 @@ class Trainer:
     def train_step(self, batches: Optional[dict] = None, apply: bool = True) -> StepStats:
         """One optimisation step: views → teachers → student → heads → losses → backward → clip → AdamW."""
         t_start = time.perf_counter()
+        self._seed_step()
         rt, cfg, dev, world = self.stage, self.cfg, self.device, self.env.world_size
+        std = getattr(self.model, "standardizer", None)
         window = self.window_size(self.step)
         active = {g.name: group_active(cfg.seed, rt.index, self.step, g.name, g.sampling_rate) for g in rt.plan.groups}
         n_samples = sum(g.batch_per_rank * len(g.ranks) for g in rt.plan.groups if active[g.name])
         denominators = loss_denominators(rt.plan.groups, active, cfg.loss.reduction)
-        weights, regularizer = loss_weights(self.model.balancer)
         sums = torch.zeros(2 * len(self.terms), device=dev)  # per term: sum over samples, number of samples
         for i in range(rt.micro_steps):
             g = rt.groups[i] if i < len(rt.groups) else None
             real = g is not None and active[g.name]
             if real:
                 batch = batches[g.name] if batches is not None else next(self._iters[g.name])
-                images = batch.student.to(dev, non_blocking=True)
+                batch = batch.normalized(dev)  # uint8 views cross to the device, normalised there
+                images = batch.student
                 with torch.no_grad():
-                    targets = {n: rt.teachers[n](batch.teachers[n].to(dev, non_blocking=True)) for n in g.teachers}
+                    targets = {n: rt.teachers[n](batch.teachers[n]) for n in g.teachers}
                 names = list(g.teachers)
             else:  # SPMD: a rank with nothing to do this micro-step still joins every collective, with zero loss
                 res = min(gp.resolution for gp in rt.plan.groups)
@@ -240,17 +323,26 @@ class Trainer:
             self.model.student.set_spectral_advance(i == 0)
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(i == rt.micro_steps - 1)
-            preds = self.model(images, window_size=window, names=names)
+            # the balancer's weights come out of the root forward (its parameters are gathered only there)
+            preds, (w_vec, regularizer) = self.model(images, window_size=window, names=names, weighting=True)
+            weights = dict(zip(self.terms, w_vec.unbind(0)))
+            if i == 0:
+                self._step_weights = w_vec.detach()
             loss = torch.zeros((), device=dev)
             if not targets:  # every head ran for the collectives; none of it is a loss
                 loss = loss + zero_link(*(p for pr in preds.values() for p in pr if p is not None)).float()
             for name, tgt in targets.items():
                 pred = preds[name]
                 per_term = {}
-                if pred.summary is not None and tgt.summary is not None:
-                    per_term[f"{name}/summary"] = summary_loss(pred.summary.float(), tgt.summary.float())
                 # a padded teacher view (SAM): its map is cropped to the image content, as the student saw it
                 target_map = crop_to_content(tgt.spatial.float(), batch.content.get(name))
+                target_summary = None if tgt.summary is None else tgt.summary.float()
+                if std is not None:  # PHI-S: the heads learn standardised targets
+                    target_map = std.forward_map(f"{name}/spatial", target_map)
+                    if target_summary is not None and f"{name}/summary" in std.terms:
+                        target_summary = std.forward_map(f"{name}/summary", target_summary)
+                if pred.summary is not None and target_summary is not None:
+                    per_term[f"{name}/summary"] = summary_loss(pred.summary.float(), target_summary)
                 per_term[f"{name}/spatial"] = spatial_loss(pred.spatial.float(), target_map, cfg.loss.alpha, cfg.loss.beta)
                 for k, v in per_term.items():
                     j = self.terms.index(k)
@@ -263,6 +355,8 @@ class Trainer:
             # balancer parameters (uncertainty) get a gradient on every rank; the regulariser counts once
             loss = loss + 0.0 * sum(w.sum() for w in weights.values()) + regularizer * float(i == 0 and self.env.is_main)
             (loss * world).backward()  # FSDP averages gradients over ranks; undo it to get the global sum
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # kernels run asynchronously: time the work, not its launch
         self.compute_s = time.perf_counter() - t_start  # this rank's own work, before it waits for the others
         if self.step + 1 in cfg.monitor.inject_nan_steps:
             self._injected.add(self.step + 1)
@@ -280,7 +374,7 @@ class Trainer:
         k = len(self.terms)
         term_sum, term_n = vec[:k], vec[k: 2 * k]
         terms = {t: float(term_sum[j] / term_n[j]) for j, t in enumerate(self.terms) if term_n[j] > 0}
-        weights = {t: float(w) for t, w in loss_weights(self.model.balancer)[0].items()}
+        weights = dict(zip(self.terms, self._step_weights.float().cpu().tolist()))  # as this step's forward used
         if self.cfg.loss.reduction == "per_teacher":  # the sum of the weighted term means
             total = float(sum(weights[t] * term_sum[j] / term_n[j] for j, t in enumerate(self.terms) if term_n[j] > 0))
         else:
@@ -301,12 +395,16 @@ class Trainer:
                          data=dict(zip(data.keys(), (float(x) for x in vec[2 * k + 1:]))))
 
     def _data_counters(self) -> dict[str, float]:
-        seen = skipped = 0
-        for ld in self.stage.loaders.values():
-            st = ld.stats()
-            seen += st.seen
-            skipped += sum(st.skipped.values())
-        return {"data/seen": float(seen), "data/skipped": float(skipped)}
+        """This rank's data counters for the step's all-reduce: data/seen, data/used, data/skipped (unusable samples
+        and shard failures) and data/skipped/<reason>, cumulative over the run's stages and resumes; each bad shard
+        is named once in events.jsonl (radio_scale/train/data_totals.py)."""
+        from radio_scale.train.data_totals import DataTally
+
+        tally = self.__dict__.get("_data_tally")
+        if tally is None:
+            tally = self._data_tally = DataTally(self.run_dir, self.env.rank, self.env.world_size,
+                                                 self.checkpointer.root)
+        return tally.update(self.stage, self.step)
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_step=None) -> str:
@@ -357,7 +455,8 @@ class Trainer:
                 self.step += 1
                 self.watchdog.progress()
                 self.heartbeat.beat(step=self.step, stage=index, loss=stats.loss, step_time=self.compute_s, phase="train",
-                                    group="+".join(g.name for g in self.stage.groups) or "-", wall_time=dt)
+                                    group="+".join(g.name for g in self.stage.groups) or "-", wall_time=dt,
+                                    force=stats.preempt or self.step in (total, stage_bounds(cfg)[index][1]))
                 progress.update(self.step, loss=f"{stats.loss:.4f}", stage=index)
                 self._log(stats, dt, index)
                 if on_step:
@@ -396,17 +495,22 @@ class Trainer:
         """k-NN + teacher fidelity on held-out sets (every rank: the student is sharded), logged by rank 0."""
         from radio_scale.eval.report import run_periodic_eval
 
-        self.watchdog.phase("checkpoint")  # evaluation takes longer than a step: use the long timeout
-        unshard = getattr(self.model, "unshard", None)  # FSDP2 root: gather the root's parameters for direct calls
-        if unshard is not None:
-            unshard()
+        if self.watchdog:
+            self.watchdog.phase("checkpoint")  # evaluation takes longer than a step: use the long timeout
+        model = self.model
+
+        def forward(images: torch.Tensor) -> dict:
+            # through the root module: FSDP gathers the root's parameters and casts the input to the compute
+            # dtype (bf16), as in training; calling the student directly would feed fp32 into bf16 weights
+            preds = model(images, window_size=0, names=None)
+            return to_teacher_space(preds, getattr(model, "standardizer", None))
+
         try:
             results = run_periodic_eval(self.model.student, self.model.heads, self.stage.teachers, self.cfg,
-                                        self.step, tracker=self.tracker)
+                                        self.step, tracker=self.tracker, forward=forward)
         finally:
-            if unshard is not None:
-                self.model.reshard()
-            self.watchdog.phase("train")
+            if self.watchdog:
+                self.watchdog.phase("train")
         if self.env.is_main:
             append_jsonl(self.run_dir / "eval.jsonl", {"step": self.step, **results})
 
@@ -483,6 +587,29 @@ class Trainer:
         self._logged_until = self.step
         if self.step % self.cfg.tracking.log_every == 0 or self.step == self.cfg.total_steps:
             self.tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step", "time")}, step=self.step)
+
+
+def to_teacher_space(preds: dict, standardizer) -> dict:
+    """Head outputs in the teachers' own feature spaces (PHI-S inverse where a transform is set; else as is)."""
+    if standardizer is None:
+        return preds
+    from radio_scale.models.heads import HeadOutput
+
+    out = {}
+    for name, p in preds.items():
+        summary, spatial = p.summary, p.spatial
+        if summary is not None and f"{name}/summary" in standardizer.terms and standardizer.is_ready(f"{name}/summary"):
+            summary = standardizer.inverse_map(f"{name}/summary", summary.float())
+        if standardizer.is_ready(f"{name}/spatial"):
+            spatial = standardizer.inverse_map(f"{name}/spatial", spatial.float())
+        out[name] = HeadOutput(summary, spatial)
+    return out
+
+
+def step_seed(seed: int, step: int, rank: int, purpose: str) -> int:
+    """A 63-bit seed for one (run seed, step, rank, purpose): independent streams, stable across processes."""
+    entropy = [seed, step, rank, zlib.crc32(purpose.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def loss_denominators(groups, active: dict, reduction: str) -> dict[str, int]:

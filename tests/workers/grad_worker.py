@@ -22,7 +22,8 @@ def main(out: str, run_dir: str, overrides: list[str]) -> None:
         if g is None:
             continue
         grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    mine = {g: {"student": b.student, "teachers": b.teachers, "content": b.content} for g, b in batches.items()}
+    normal = {g: b.normalized() for g, b in batches.items()}  # the loader's uint8 views, as the trainer sees them
+    mine = {g: {"student": b.student, "teachers": b.teachers, "content": b.content} for g, b in normal.items()}
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.rank == 0:

@@ -66,10 +66,50 @@ def unused_inf(run_dir: str) -> dict:
             "sam_head_grad_max": sam_grads, "clip_head_moved": moved, "head_inputs": calls}
 
 
+def phi_s(run_dir: str) -> dict:
+    """loss.standardize=phi_s on one rank: estimated at stage entry, heads learn standardised targets, the export
+    bakes the inverse so the exported heads equal the live heads mapped back to the teachers' spaces."""
+    from pathlib import Path
+
+    from radio_scale.eval.loading import load_student
+    from radio_scale.train.export import export_student
+    from radio_scale.train.trainer import to_teacher_space
+
+    cfg = load_config("smoke", ["loss.standardize=phi_s", "data.num_workers=0", "loss.standardize_batches=6"])
+    env = init_distributed(timeout_s=120)
+    trainer = Trainer(cfg, env, run_dir)
+    trainer._enter_stage(0)
+    std = trainer.model.standardizer
+    ready = {t: std.is_ready(t) for t in std.terms}
+    mean, tx, inv = (t.double() for t in std.parts("dino/spatial"))
+    c = tx.shape[0]
+    gram = tx @ tx.T
+    scale2 = float(gram.diagonal().mean())
+    stats = trainer.train_step()
+    trainer.model.eval()
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        live = to_teacher_space(trainer.model(x), std)
+    out = export_student(trainer.model, cfg, trainer.specs, Path(run_dir) / "export", True)
+    student, heads, _ = load_student(out)
+    with torch.no_grad():
+        exported = heads(student(x))
+    diffs = {}
+    for n in live:
+        if live[n].summary is not None:
+            diffs[f"{n}/summary"] = float((live[n].summary - exported[n].summary).abs().max())
+        diffs[f"{n}/spatial"] = float((live[n].spatial - exported[n].spatial).abs().max())
+    trainer.stage.close()
+    return {"ready": ready, "orthogonality": float((gram / scale2 - torch.eye(c, dtype=gram.dtype)).abs().max()),
+            "inverse": float((inv @ tx - torch.eye(c, dtype=tx.dtype)).abs().max()), "finite": stats.finite,
+            "terms": stats.terms, "export_vs_live": diffs}
+
+
 if __name__ == "__main__":
     mode, out, run_dir = sys.argv[1:4]
     try:
-        report = {"bf16": bf16, "unused_inf": unused_inf}[mode](run_dir)
+        report = {"bf16": bf16, "unused_inf": unused_inf, "phi_s": phi_s}[mode](run_dir)
     finally:
         shutdown()
     with open(out, "w") as f:
