@@ -20,20 +20,12 @@ from radio_scale.data.stream import BAD_DATA_REASONS, SHARD_ERROR_REASONS
 from radio_scale.monitoring import rundir
 from radio_scale.monitoring.status import collect_status, render_status
 from radio_scale.train.data_totals import DataTally, loader_state_counters
+from test_data import _write_tar  # one helper to write a shard from (name, bytes) members
 
 
 def _members(path: str, n: int) -> list[tuple[str, bytes]]:
     with tarfile.open(path) as tf:
         return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()][:n]
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 WORKER = Path(__file__).parent / "workers" / "one_rank_worker.py"
 

@@ -30,7 +30,7 @@ def _checkpoint_config(ckpt: Path) -> Path:
 
 def build_from_state(cfg: RunConfig, state: dict[str, torch.Tensor], where: str, device: str = "cpu"):
     """(student, heads) built from the run config and loaded from a `student.*` / `heads.*` state dict."""
-    from radio_scale.models import AdaptorHeads, build_student
+    from radio_scale.models import AdaptorHeads
     from radio_scale.teachers.spec import teacher_spec
 
     specs = [teacher_spec(t) for t in cfg.teachers]

@@ -380,7 +380,6 @@ def segprobe_streaming(encoders: Mapping[str, Encoder], train: Split, val: Split
     """
     import shutil
     import tempfile
-    from pathlib import Path
 
     from radio_scale.eval.segprobe import ProbeConfig, confusion_matrix, iou_from_confusion
 

@@ -22,7 +22,7 @@ from radio_scale.distributed.env import DistEnv
 from radio_scale.distributed.parallel import shard_student
 from radio_scale.distributed.plan import group_active, make_plan
 from radio_scale.losses import build_balancer, crop_to_content, spatial_loss, summary_loss, term_weights
-from radio_scale.models import AdaptorHeads, build_student
+from radio_scale.models import AdaptorHeads
 from radio_scale.models.heads import zero_link
 from radio_scale.monitoring.heartbeat import Heartbeat
 from radio_scale.monitoring.nan_guard import NanGuard
