@@ -183,10 +183,10 @@ class Trainer:
         self.nan_guard.load_state_dict(trainer_state.get("nan_guard", {}))
         same_world = trainer_state.get("world_size") == self.env.world_size
         if rank_state is None or not same_world:
-            # Another world size: model and optimizer reshard exactly; RNG and data streams restart from a seed
-            # derived from the resume step (no replay of the samples already seen from the stream's start).
+            # Another world size: model and optimizer reshard exactly; data streams restart from a seed derived
+            # from the resume step (no replay of the samples already seen from the stream's start). The student's
+            # randomness needs nothing here: every step reseeds it (_seed_step).
             self._seed_rank_rng()
-            torch.manual_seed(torch.initial_seed() + self.step)
             return {"_reseed": self.step}
         torch.set_rng_state(rank_state["torch_rng"])
         _python_rng_from_tensor(rank_state["python_rng"])
