@@ -64,3 +64,51 @@ def one_node_cluster(tmp_path: Path, tasks: int) -> Path:
     path = tmp_path / f"local_{tasks}.yaml"
     path.write_text(f"name: local{tasks}\nkind: local\ntasks_per_node: {tasks}\nthreads_per_rank: 1\n")
     return path
+
+
+def kill_in_checkpoint_then_relaunch(run_dir: Path, overrides: list[str], kill_at: int,
+                                     cluster: Path | None = None, timeout: int = 600) -> int:
+    """Start a run whose rank 0 is SIGKILLed (kill -9, monitor.inject_kill_in_checkpoint) while writing the
+    checkpoint of step `kill_at`, check it died without an export and left that checkpoint half-written, then
+    relaunch it unchanged (without the drill) and check it finished. Returns the step it resumed from."""
+    from radio_scale.train.checkpoint import latest_complete
+
+    r = run_launch(run_dir, [*overrides, f"monitor.inject_kill_in_checkpoint={kill_at}"], cluster, timeout)
+    assert r.returncode != 0, "the run with the kill drill finished: the kill did not happen"
+    assert not (run_dir / "export").exists()
+    assert (run_dir / "checkpoints" / f".tmp-step_{kill_at:09d}").is_dir(), r.stdout[-3000:] + r.stderr[-3000:]
+    newest = latest_complete(run_dir / "checkpoints")
+    assert newest is not None, "no complete checkpoint before the kill"
+    r = run_launch(run_dir, overrides, cluster, timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    resumed = [e for e in events(run_dir) if e["kind"] == "resume"]
+    at = int(newest.name.split("_")[1])
+    assert resumed and resumed[-1]["step"] == at
+    assert events(run_dir)[-1]["kind"] == "finished"
+    return at
+
+
+def assert_same_run(reference: Path, run_dir: Path) -> None:
+    """The export of `run_dir` equals `reference`'s tensor for tensor and byte for byte, and every step logged in
+    `run_dir` (before and after a resume) logged the same losses as `reference`."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(reference / "export" / "model.safetensors"))
+    b = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch_equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+    for name in ("model.safetensors", "teachers.json"):
+        assert (reference / "export" / name).read_bytes() == (run_dir / "export" / name).read_bytes(), name
+    ref = {m["step"]: {k: v for k, v in m.items() if k.startswith("loss/")} for m in metrics(reference)}
+    got = metrics(run_dir)
+    assert sorted({m["step"] for m in got}) == sorted(ref)
+    for m in got:
+        losses = {k: v for k, v in m.items() if k.startswith("loss/")}
+        assert losses == ref[m["step"]], f"step {m['step']}: logged losses differ from the uninterrupted run"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

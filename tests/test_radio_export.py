@@ -151,3 +151,18 @@ def test_radio_export_refuses_what_it_cannot_express_in_one_line(tmp_path):
     out = export_radio(export, tmp_path / "radio.pth", adaptors=["clip", "dino", "effnet"])
     chk = torch.load(out, weights_only=False)
     assert [t["name"] for t in chk["args"].teachers] == ["clip", "dino", "effnet"] and chk["args"].cpe_num_registers == 0
+
+
+@pytest.mark.parametrize("arch", ["eradio_pico", "timm:convnext_atto"])
+def test_radio_export_refuses_a_non_vit_student_naming_student_arch(tmp_path, arch):
+    kw = ["student.timm_kwargs={depths: [1, 1, 1, 1], dims: [16, 32, 64, 128]}"] if arch.startswith("timm:") else []
+    cfg = load_config("smoke", [f"student.arch={arch}", *kw])
+    model, specs = build_model(cfg)
+    export = export_student(model, cfg, specs, tmp_path / "export", is_main=True)
+    with pytest.raises(RadioExportError, match=rf"student.arch '{arch}' is not a ViT") as e:
+        export_radio(export)
+    assert "\n" not in str(e.value)
+    assert not (export / "radio_model.pth").exists()
+    r = subprocess.run([sys.executable, "-m", "radio_scale.train.radio_export", str(export)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"student.arch '{arch}'" in r.stderr

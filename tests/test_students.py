@@ -179,17 +179,13 @@ def test_planner_uses_the_students_own_figures():
 # -- through the system: radio-launch on one rank, and two FSDP2 ranks with E-RADIO -------------------------------
 
 
-def _launch_and_check(tmp_path, arch_overrides, tasks):
-    from launch_helpers import FAST, events, metrics, one_node_cluster, run_launch
+def _check_finished(run_dir, steps):
+    from launch_helpers import events, metrics
 
     from radio_scale.eval.loading import load_student
 
-    run_dir = tmp_path / "run"
-    overrides = [*FAST, "stages.0.steps=2", "stages.1.steps=2", "checkpoint.every=2", *arch_overrides]
-    r = run_launch(run_dir, overrides, cluster=one_node_cluster(tmp_path, tasks))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert events(run_dir)[-1]["kind"] == "finished"
-    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, steps + 1))
     student, heads, cfg = load_student(run_dir / "export")
     with torch.no_grad():
         out = student(torch.randn(1, 3, 64, 64))
@@ -197,19 +193,76 @@ def _launch_and_check(tmp_path, arch_overrides, tasks):
     return cfg
 
 
-def test_one_rank_run_with_an_eradio_student_finishes_and_exports(tmp_path):
-    cfg = _launch_and_check(tmp_path, ["student.arch=eradio_pico"], 1)
-    assert cfg.student.arch == "eradio_pico"
+def _launch_and_check(tmp_path, arch_overrides, tasks):
+    from launch_helpers import FAST, one_node_cluster, run_launch
+
+    run_dir = tmp_path / "run"
+    overrides = [*FAST, "stages.0.steps=2", "stages.1.steps=2", "checkpoint.every=2", *arch_overrides]
+    r = run_launch(run_dir, overrides, cluster=one_node_cluster(tmp_path, tasks))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return _check_finished(run_dir, 4)
 
 
-def test_one_rank_run_with_a_timm_student_finishes_and_exports(tmp_path):
-    cfg = _launch_and_check(tmp_path, ["student.arch=timm:convnext_atto",
-                                       "student.timm_kwargs={depths: [1, 1, 1, 1], dims: [16, 32, 64, 128]}"], 1)
+# Kill-and-resume runs: 2 steps of stage 1 and 4 of stage 2, a checkpoint every 2 (steps 2, 4, 6). Rank 0 is
+# killed (SIGKILL) while writing step 6: the relaunch resumes from step 4, in the middle of stage 2.
+RESUME_RUN = ["stages.0.steps=2", "stages.1.steps=4", "checkpoint.every=2", "checkpoint.keep=10",
+              "data.num_workers=1", "monitor.hang_timeout_s=120"]
+RESUME_STEPS, KILL_AT = 6, 6
+ERADIO_RUN = [*RESUME_RUN, "student.arch=eradio_pico", "student.activation_checkpointing=true"]
+TIMM_RUN = [*RESUME_RUN, "student.arch=timm:convnext_atto",
+            "student.timm_kwargs={depths: [1, 1, 1, 1], dims: [16, 32, 64, 128]}"]
+
+
+def _reference_run(tmp_path_factory, name, overrides, tasks):
+    from launch_helpers import one_node_cluster, run_launch
+
+    base = tmp_path_factory.mktemp(name)
+    run_dir = base / "run"
+    r = run_launch(run_dir, overrides, cluster=one_node_cluster(base, tasks))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def eradio_two_rank_run(tmp_path_factory):
+    """One uninterrupted two-rank FSDP2 run with an E-RADIO student (activation checkpointing on)."""
+    return _reference_run(tmp_path_factory, "eradio2", ERADIO_RUN, 2)
+
+
+@pytest.fixture(scope="module")
+def timm_one_rank_run(tmp_path_factory):
+    """One uninterrupted one-rank run with a timm ConvNeXt student."""
+    return _reference_run(tmp_path_factory, "timm1", TIMM_RUN, 1)
+
+
+def test_one_rank_run_with_a_timm_student_finishes_and_exports(timm_one_rank_run):
+    cfg = _check_finished(timm_one_rank_run, RESUME_STEPS)
     assert cfg.student.timm_kwargs["dims"] == [16, 32, 64, 128]
 
 
-def test_two_rank_fsdp2_run_with_an_eradio_student_finishes_and_exports(tmp_path):
-    _launch_and_check(tmp_path, ["student.arch=eradio_pico", "student.activation_checkpointing=true"], 2)
+def test_two_rank_fsdp2_run_with_an_eradio_student_finishes_and_exports(eradio_two_rank_run):
+    cfg = _check_finished(eradio_two_rank_run, RESUME_STEPS)
+    assert cfg.student.arch == "eradio_pico"
+
+
+def test_two_rank_eradio_run_resumes_bit_exactly_after_kill_9(eradio_two_rank_run, tmp_path):
+    """Rank 0 of a two-rank FSDP2 E-RADIO run (BatchNorm statistics, C2f stages, windowed attention) is killed
+    mid-save; the relaunch resumes mid-stage and its export and logged losses equal the uninterrupted run's."""
+    from launch_helpers import assert_same_run, kill_in_checkpoint_then_relaunch, one_node_cluster
+
+    at = kill_in_checkpoint_then_relaunch(tmp_path / "killed", ERADIO_RUN, KILL_AT,
+                                          cluster=one_node_cluster(tmp_path, 2))
+    assert at == 4
+    assert_same_run(eradio_two_rank_run, tmp_path / "killed")
+
+
+def test_one_rank_timm_run_resumes_bit_exactly_after_kill_9(timm_one_rank_run, tmp_path):
+    from launch_helpers import assert_same_run, kill_in_checkpoint_then_relaunch, one_node_cluster
+
+    at = kill_in_checkpoint_then_relaunch(tmp_path / "killed", TIMM_RUN, KILL_AT,
+                                          cluster=one_node_cluster(tmp_path, 1))
+    assert at == 4
+    assert_same_run(timm_one_rank_run, tmp_path / "killed")
 
 
 @pytest.mark.parametrize("arch,kw", [("eradio_pico", {}), ("timm:regnety_002", {})])
@@ -237,3 +290,20 @@ def test_radio_eval_throughput_uses_the_students_own_flops():
     student = build_any_student(student_cfg("eradio_pico"), TEACHERS).eval()
     check = flop_crosscheck(student, student_cfg("eradio_pico"), 96, len(TEACHERS))
     assert check["analytic_gflops"] == student.forward_flops(96) / 1e9 and check["rel_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "efficientvit_b0", "regnety_002"])
+def test_timm_students_keep_no_parameter_that_never_gets_a_gradient(name):
+    # a parameter without a gradient gets no optimizer state, and a checkpoint without it cannot be resumed;
+    # what is left of the classifier head (ConvNeXt's head.norm) is removed, the same way under no_grad (loading)
+    cfg = student_cfg(f"timm:{name}", timm_kwargs=TIMM_TINY.get(name, {}))
+    torch.manual_seed(0)
+    student = build_any_student(cfg, TEACHERS)
+    with torch.no_grad():
+        loaded = build_any_student(cfg, TEACHERS)
+    assert student.state_dict().keys() == loaded.state_dict().keys()
+    out = student(torch.randn(2, 3, 64, 64))
+    (out.patches.mean() + sum(v.mean() for v in out.summary.values())).backward()
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+    if name == "convnext_atto":
+        assert student.pruned == ("head",)

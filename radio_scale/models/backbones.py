@@ -67,12 +67,15 @@ class SummaryPool(nn.Module):
 
 
 def _bn_stats_to_input(m: nn.Module, args) -> None:
+    # the statistics follow the parameters' dtype (bf16 under FSDP2's bf16 policy); under autocast the parameters
+    # stay fp32 while the input is bf16, and batch norm takes fp32 statistics with them
     x = args[0]
-    if isinstance(x, torch.Tensor) and m.running_mean is not None and m.running_mean.dtype != x.dtype \
-            and x.dtype in (torch.bfloat16, torch.float16):
+    dtype = m.weight.dtype if m.weight is not None else (x.dtype if isinstance(x, torch.Tensor) else None)
+    if isinstance(x, torch.Tensor) and m.running_mean is not None and m.running_mean.dtype != dtype \
+            and dtype in (torch.bfloat16, torch.float16):
         m._radio_stats_dtype = m.running_mean.dtype
         m._radio_stats_fp = (m.running_mean, m.running_var)
-        m.running_mean, m.running_var = m.running_mean.to(x.dtype), m.running_var.to(x.dtype)
+        m.running_mean, m.running_var = m.running_mean.to(dtype), m.running_var.to(dtype)
 
 
 def _bn_stats_back(m: nn.Module, _args, _out) -> None:
@@ -84,6 +87,36 @@ def _bn_stats_back(m: nn.Module, _args, _out) -> None:
             var.copy_(m.running_var)
         m.running_mean, m.running_var = mean, var
         m._radio_stats_fp = None
+
+
+def _norm_stats(module: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (mean, var) of every BatchNorm in `module`, in module order."""
+    return [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for t in (m.running_mean, m.running_var) if t is not None]
+
+
+def _sync_norm_stats(module: nn.Module, *_args) -> None:
+    """state_dict pre-hook: average the BatchNorm running statistics over the ranks before they are read.
+
+    Each rank updates its own copy of these buffers from its own batches, so the copies drift apart, and a
+    checkpoint keeps one copy per buffer (DCP writes a replicated tensor once, from whichever rank its plan picks)
+    while an export keeps rank 0's: a resume would hand every rank statistics it never had. Every checkpoint and
+    export reads the state dict on all ranks at the same point (get_model_state_dict is collective), so averaging
+    here makes the copies equal wherever they are saved: the saved state is the live state of every rank, and a
+    run resumed from it continues bit for bit as the uninterrupted one (which averaged at the same step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    stats = _norm_stats(module)
+    if not stats:
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in stats])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for t, v in zip(stats, flat.split([t.numel() for t in stats])):
+            t.copy_(v.view_as(t))
 
 
 class BackboneStudent(nn.Module):
@@ -101,6 +134,7 @@ class BackboneStudent(nn.Module):
         self.cpe = RngHolder()
         self._units: list[CheckpointUnit] = []
         self._flops_cache: dict = {}
+        self.register_state_dict_pre_hook(_sync_norm_stats)
 
     def _match_norm_stats_dtype(self) -> None:
         """BatchNorm under FSDP2's bf16 parameter policy: its parameters arrive in bf16 while its running
@@ -206,11 +240,65 @@ class BackboneStudent(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def _probe_size(model: nn.Module, img_size) -> int:
+    """An input side the timm model accepts (models with fixed windows need their img_size)."""
+    if img_size is None:
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None:
+        img_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+    return int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
+
+
+def _used_modules(model: nn.Module, side: int) -> tuple[set, set]:
+    """(names of the modules forward_features calls, names of the parameters that receive a gradient), measured
+    on a meta-device copy (no memory, no compute)."""
+    twin = copy.deepcopy(model).to("meta")
+    called: set = set()
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: called.add(n)) for n, m in twin.named_modules()]
+    try:
+        with torch.enable_grad():  # the model may be built under no_grad (e.g. loaded for evaluation)
+            out = twin.forward_features(torch.empty(1, 3, side, side, device="meta"))
+            out.float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return called, {n for n, p in twin.named_parameters() if p.grad is not None}
+
+
+def _prune_unused(model: nn.Module, img_size=None) -> tuple[str, ...]:
+    """Replace by nn.Identity every submodule of the timm model that forward_features never calls and whose
+    parameters get no gradient (the classifier head's norm/pre-logits layers kept with num_classes=0): they would
+    be trained by nothing, and a parameter that never gets a gradient gets no optimizer state, so a checkpoint of
+    the run could not be resumed (DCP expects optimizer state for every parameter). Returns the pruned names."""
+    try:
+        side = _probe_size(model, img_size)
+        called, with_grad = _used_modules(model, side)
+    except Exception:  # a model the probe cannot run stays as it is
+        return ()
+    pruned: list[str] = []
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            full = f"{prefix}{name}"
+            params = [f"{full}.{n}" for n, _ in child.named_parameters()]
+            if full not in called and params and not any(p in with_grad for p in params):
+                setattr(parent, name, nn.Identity())
+                pruned.append(full)
+            elif full in called:
+                walk(child, full + ".")
+
+    walk(model, "")
+    if pruned:
+        _used_modules(model, side)  # the pruned model must still run (raises otherwise)
+    return tuple(pruned)
+
+
 class TimmStudent(BackboneStudent):
     """Any timm model as the student: its last stage's map (forward_features) is the patch map.
 
     The model's top-level stage list (`stages`, `layers` or `blocks`) becomes the FSDP2 wrap units, each wrapped
-    in a CheckpointUnit (parameter names gain `.inner`); models without one are a single unit.
+    in a CheckpointUnit (parameter names gain `.inner`); models without one are a single unit. Layers that
+    forward_features never uses (what is left of the classifier head) are removed (`pruned`: their names).
     """
 
     UNIT_LISTS = ("stages", "layers", "blocks")
@@ -240,6 +328,7 @@ class TimmStudent(BackboneStudent):
                     setattr(self.model, attr, CheckpointUnit(child))
                     self._units.append(getattr(self.model, attr))
         # no stage list at all: the whole model is the FSDP2 root, without checkpointing units
+        self.pruned = _prune_unused(self.model, kwargs.get("img_size"))
         info = getattr(self.model, "feature_info", None) or [{}]
         self.patch_size = int(info[-1].get("reduction", 32))
         self.embed_dim = int(self.model.num_features)

@@ -51,8 +51,8 @@ def radio_state_and_args(student, heads, cfg, adaptors: Optional[Sequence[str]] 
     from radio_scale.models.student import RadioStudent
 
     if not isinstance(student, RadioStudent):
-        raise RadioExportError(f"RADIO export: student {type(student).__name__} is not the ViT student; only ViT "
-                               "students map onto RADIO's format")
+        raise RadioExportError(f"RADIO export: student.arch '{cfg.student.arch}' is not a ViT; RADIO's format "
+                               "holds only ViT students (E-RADIO and timm:<name> students have no RADIO layout)")
     summary_teachers = list(student.summary_teachers)
     spatial_only = [n for n in heads.teacher_names if n not in heads.summary]
     if adaptors is not None:
