@@ -19,6 +19,12 @@ downloaded) on a one-rank world, and checks what a 64-GPU run would hit first:
   eval         one periodic evaluation (k-NN + teacher fidelity) through the sharded root module
   export       the consolidated export, read back equal
   loader       the data loader's samples/s (its own workers) against the step's consumption
+  deepspeed    the same Trainer under distributed_backend deepspeed (ZeRO-2, bf16): one timed step per window
+               (finite, MFU reported), a DeepSpeed checkpoint saved and restored exactly, the export read back
+  eradio       E-RADIO-B and E-RADIO-L students alone (3 summary outputs, no heads): training img/s (forward +
+               backward + AdamW step) and eval img/s (no_grad forward), bf16 autocast, at 224 px, and the
+               achieved TFLOPS from each student's own FLOP count; passes when every step is finite (reported,
+               not judged against a target). The trainer checks above run the recipe's ViT student.
 
 Results print as a table and go to $OUT/gpu_check.json (or --json) after every check. --cpu-dry runs the same
 code on CPU with tiny shapes (tiny members of the same teacher families, a pico student, windows 0/2/3, bf16
@@ -65,6 +71,11 @@ class Shapes:
     iters: int
     eval_images: tuple[int, int]  # (train, test) images of the periodic evaluation's k-NN
     loader_batches: int
+    # the eradio check: (student.arch, ...), resolution, train batch, eval batch, timed iterations
+    eradio: tuple[str, ...] = ("eradio_b", "eradio_l")
+    eradio_res: int = 224
+    eradio_batch: tuple[int, int] = (64, 256)
+    eradio_iters: int = 5
 
 
 TEACHERS = ("dfn_clip", "openai_clip", "dinov2", "sam")
@@ -86,7 +97,8 @@ def shapes_for(args: argparse.Namespace) -> Shapes:
              "stages.1.groups.0.resolution=64", "stages.1.groups.0.batch_per_rank=2",
              "stages.1.groups.1.resolution=128", "stages.1.groups.1.batch_per_rank=1", "data.num_workers=1"]
     return Shapes(True, tuple(common + tiny), (0, 2, 3), 1, warmup=1, iters=1, eval_images=(200, 60),
-                  loader_batches=3)
+                  loader_batches=3, eradio=("eradio_pico", "eradio_pico_noup"), eradio_res=64, eradio_batch=(2, 4),
+                  eradio_iters=1)
 
 
 def acceptance_config(sh: Shapes):
@@ -234,6 +246,64 @@ def teachers_from(cache: dict):
         yield
     finally:
         stage.build_teacher = build
+
+
+# ---------------------------------------------------------------------------------------------- E-RADIO students
+def check_eradio(sh: Shapes, device: torch.device, precision: str) -> dict:
+    """Training and eval throughput of each E-RADIO student alone (one warm-up, median of sh.eradio_iters)."""
+    from radio_scale.config.schema import StudentConfig
+    from radio_scale.models.registry import build_any_student
+
+    res, (train_b, eval_b) = sh.eradio_res, sh.eradio_batch
+    bf16 = precision == "bf16"
+    out, ok = {}, True
+    for arch in sh.eradio:
+        torch.manual_seed(0)
+        student = build_any_student(StudentConfig(arch=arch), ("dfn_clip", "openai_clip", "dinov2")).to(device)
+        flops = student.forward_flops(res)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        def train_step(x):
+            with amp:
+                o = student(x)
+                loss = o.patches.float().square().mean() + sum(v.float().square().mean() for v in o.summary.values())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return torch.isfinite(loss).item()
+
+        def eval_step(x):
+            with amp, torch.no_grad():
+                o = student(x)
+            return bool(torch.isfinite(o.patches).all().item())
+
+        row: dict = {"params_m": student.param_count() / 1e6, "gflops_per_img": flops / 1e9, "resolution": res,
+                     "dtype": "bf16" if bf16 else "fp32"}
+        finite = True
+        for mode, batch, fn, k in (("train", train_b, train_step, 3), ("eval", eval_b, eval_step, 1)):
+            student.train(mode == "train")
+            x = torch.randn(batch, 3, res, res, device=device)
+            reset_peak(device)
+            finite &= fn(x)  # warm-up
+            times = []
+            for _ in range(sh.eradio_iters):
+                sync(device)
+                t0 = time.perf_counter()
+                finite &= fn(x)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            s = sorted(times)[len(times) // 2]
+            row[f"{mode}_batch"] = batch
+            row[f"{mode}_img_s"] = batch / s
+            row[f"{mode}_tflops"] = k * flops * batch / s / 1e12  # training: forward + backward = 3 forwards
+            row[f"{mode}_peak_gb"] = peak_gb(device)
+        row["ok"] = bool(finite)
+        ok &= row["ok"]
+        out[arch] = row
+        del student, opt
+        reset_peak(device)
+    return {"ok": ok, "students": out}
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -391,7 +461,7 @@ class Acceptance:
         self.step(self.sh.windows[0])  # the weights move on
         moved = not torch.equal(_full(probe[name]), saved)
         path = latest_complete(t.checkpointer.root)
-        t.checkpointer.load(path, t.model, t.optimizer)
+        t.checkpointer.load(path, t.backend)
         restored = torch.equal(_full(dict(t.model.named_parameters())[name]), saved)
         return {"ok": bool(path is not None and moved and restored), "path": str(path), "stall_s": stall,
                 "save_s": total, "param": name, "moved_after_save": moved, "restored_exactly": restored}
@@ -425,10 +495,11 @@ class Acceptance:
 
         t = self.trainer
         t0 = time.perf_counter()
-        path = export_student(t.model, self.cfg, t.specs, out_dir, is_main=True)
+        full = t.backend.full_state_dict()  # the backend's gather (FSDP2 or DeepSpeed), as Trainer.run exports
+        path = export_student(full, self.cfg, t.specs, out_dir, is_main=True)
         took = time.perf_counter() - t0
         student, heads, _ = load_student(path)
-        mine = {k: _full(v).cpu() for k, v in t.model.student.state_dict().items() if isinstance(v, torch.Tensor)}
+        mine = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
         theirs = student.state_dict()
         same = all(torch.equal(mine[k].to(theirs[k].dtype), theirs[k]) for k in theirs if k in mine)
         size = sum(p.stat().st_size for p in Path(path).iterdir()) / GB
@@ -464,6 +535,34 @@ class Acceptance:
 
 def _full(p: torch.Tensor) -> torch.Tensor:
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def check_deepspeed(sh: Shapes, device: torch.device, run_dir: Path, peak: Optional[float]) -> dict:
+    """The acceptance steps under the DeepSpeed backend (ZeRO-2 on one rank: the engine, its bf16 mode, its
+    checkpoint format and the export path; the FSDP2-only checks are not repeated)."""
+    from radio_scale.config import load_config
+
+    cfg = load_config("two_stage_auto", [*sh.overrides, "distributed_backend=deepspeed", "deepspeed.zero_stage=2"])
+    acc = Acceptance(cfg, sh, device, run_dir, peak)
+    try:
+        rows, ok = {}, True
+        for w in sh.windows:
+            for _ in range(sh.warmup):
+                acc.step(w)
+            sync(device)
+            t0 = time.perf_counter()
+            stats = acc.step(w)
+            s = time.perf_counter() - t0
+            flops = acc.step_flops(w, useful=False)
+            rows[str(w)] = {"step_ms": 1e3 * s, "finite": stats.finite, "mfu": flops / s / peak if peak else None}
+            ok &= stats.finite
+        ckpt = acc.check_checkpoint()
+        export = acc.check_export(run_dir / "export")
+        return {"ok": bool(ok and ckpt["ok"] and export["ok"]), "zero_stage": 2, "windows": rows,
+                "checkpoint": {k: ckpt[k] for k in ("ok", "stall_s", "save_s", "restored_exactly")},
+                "export": {k: export[k] for k in ("ok", "seconds", "tensors")}}
+    finally:
+        acc.close()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -555,6 +654,11 @@ def main(argv=None) -> int:
             run("export", lambda: acc.check_export(Path(tmp) / "export"), need_s=30)
             run("loader", acc.check_loader, need_s=30)
             acc.close()
+            acc = None
+            gc.collect()
+        run("deepspeed", lambda: check_deepspeed(sh, device, Path(tmp) / "run_deepspeed", peak), need_s=90)
+        gc.collect()
+        run("eradio", lambda: check_eradio(sh, device, args.precision), need_s=45)
     from radio_scale.distributed.env import shutdown
 
     shutdown()

@@ -2,13 +2,12 @@
 
 Both sides get the same student + heads (`build_model(cfg)`, same seed), the same frozen teachers
 (`build_teacher`), the same pre-generated batches, the same losses (`summary_loss` / `spatial_loss` with the
-run's term weights), gradient clipping and AdamW (same parameter groups). The trainer runs as it does in a job:
-`init_distributed()` (world 1, gloo), FSDP2 over a one-rank mesh, the per-step all-reduce of the loss terms
-and counters. Steps are timed interleaved (trainer, reference, trainer, ...) and medians reported, so other load
+run's term weights), gradient clipping and the same fused AdamW (`build_optimizer`: same parameter groups).
+The trainer runs as it does in a job: `init_distributed()` (world 1, gloo), the per-step all-reduce of the loss
+terms and counters; at world size 1 in fp32 the student is not FSDP2-wrapped (shard_student), so there is no
+FSDP2 side to measure. Steps are timed interleaved (trainer, reference, trainer, ...) and medians reported, so other load
 on the machine hits both sides alike; wall-clock and process CPU time are both reported (with one torch thread,
-the default, CPU time is the step's compute even while other jobs share the cores). A third side, the same
-Trainer built before any process group exists (no FSDP wrapping), splits the overhead into FSDP2's and the
-trainer's own. Also reported: the per-step bookkeeping of `Trainer.run` (heartbeat file, metrics.jsonl line,
+the default, CPU time is the step's compute even while other jobs share the cores). Also reported: the per-step bookkeeping of `Trainer.run` (heartbeat file, metrics.jsonl line,
 MLflow) that sits outside `train_step`, and with --profile torch.profiler summaries of every side.
 
     python benchmarks/trainer_overhead.py [--arch vit_s16] [--res 128] [--batch 8] [--steps 10] [--threads 1] [--profile]
@@ -29,7 +28,7 @@ import torch
 from radio_scale.config import RunConfig, load_config
 from radio_scale.losses import spatial_loss, summary_loss
 from radio_scale.teachers import build_teacher
-from radio_scale.train.optim import lr_at, param_groups
+from radio_scale.train.optim import build_optimizer, lr_at
 from radio_scale.train.trainer import build_model, loss_weights
 
 TARGET = 1.05  # trainer step / reference step
@@ -65,7 +64,7 @@ class ReferenceLoop:
         self.teachers = {n: build_teacher(cfg.teacher(n)) for n in teacher_names}
         self.weights = {k: float(v) for k, v in loss_weights(self.model.balancer)[0].items()}
         o = cfg.optim
-        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.opt = build_optimizer(self.model, o)  # the trainer's own: fused AdamW, same parameter groups
         self.step_index = 0
         self.fwd_bwd_s = 0.0
 
@@ -116,15 +115,14 @@ class Bench:
     """The sides, built once, and the batches they share."""
 
     cfg: RunConfig
-    trainer: object  # world 1, gloo, FSDP2: as in a job
-    plain: object  # the same Trainer built before the process group exists: no FSDP wrapping
+    trainer: object  # world 1, gloo: as in a job
     reference: ReferenceLoop
     batches: list
     group: str
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, steps: int):
-    """A Trainer as in a job (init_distributed: world 1, gloo, FSDP2) in stage 0, its group, and `steps` batches."""
+    """A Trainer as in a job (init_distributed: world 1, gloo) in stage 0, its group, and `steps` batches."""
     from radio_scale.distributed.env import init_distributed
     from radio_scale.train.trainer import Trainer
 
@@ -136,18 +134,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, steps: int):
 
 
 def build_bench(cfg: RunConfig, steps: int, run_dir: Path) -> Bench:
-    """Both trainers in stage 0, the reference loop, and `steps` batches from the stage's stream."""
-    from radio_scale.distributed.env import DistEnv
-    from radio_scale.train.trainer import Trainer
-
-    # shard_student leaves the model unwrapped while no process group exists: build that trainer first.
-    plain = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "none"), run_dir.with_name(run_dir.name + "_plain"))
-    plain._enter_stage(0)
+    """The trainer in stage 0, the reference loop, and `steps` batches from the stage's stream."""
     trainer, group, batches = build_trainer(cfg, run_dir, steps)
     reference = ReferenceLoop(cfg, list(trainer.stage.groups[0].teachers))
-    for side, opt in ((trainer, trainer.optimizer), (plain, plain.optimizer), (reference, reference.opt)):
+    for side, opt in ((trainer, trainer.optimizer), (reference, reference.opt)):
         side.opt_timer = OptimizerTimer(opt)
-    return Bench(cfg, trainer, plain, reference, batches, group)
+    return Bench(cfg, trainer, reference, batches, group)
 
 
 def trainer_step(trainer, group: str, batch) -> tuple[float, float]:
@@ -184,10 +176,8 @@ def bookkeeping_ms(b: Bench, reps: int = 20) -> dict[str, float]:
 def sides(b: Bench) -> dict:
     """name -> (one step on a batch, returning (loss, grad norm); seconds of its teachers+fwd+bwd; its AdamW timer)."""
     return {
-        "Trainer.train_step (FSDP2, world 1)": (lambda x: trainer_step(b.trainer, b.group, x),
-                                                lambda: b.trainer.compute_s, b.trainer.opt_timer),
-        "Trainer.train_step, no process group": (lambda x: trainer_step(b.plain, b.group, x),
-                                                 lambda: b.plain.compute_s, b.plain.opt_timer),
+        "Trainer.train_step (world 1, gloo)": (lambda x: trainer_step(b.trainer, b.group, x),
+                                               lambda: b.trainer.compute_s, b.trainer.opt_timer),
         "hand-written loop": (b.reference.step, lambda: b.reference.fwd_bwd_s, b.reference.opt_timer),
     }
 
@@ -269,9 +259,8 @@ def main(argv=None) -> int:
         if args.profile:
             profile_sides(b)
         load_after = os.getloadavg()[0]
-        for t in (b.trainer, b.plain):
-            t.checkpointer.close()
-            t.stage.close()
+        b.trainer.checkpointer.close()
+        b.trainer.stage.close()
     shutdown()
 
     ref = med(times["hand-written loop"]["step"])
@@ -284,7 +273,7 @@ def main(argv=None) -> int:
         step_ms, fb_ms, cpu_ms = 1e3 * med(t["step"]), 1e3 * med(t["fwd_bwd"]), 1e3 * med(t["cpu"])
         print(f"| {name} | {step_ms:.0f} | {cpu_ms:.0f} | {fb_ms:.0f} | {step_ms - fb_ms:.0f} | "
               f"{1e3 * med(t['adamw']):.0f} | {step_ms / 1e3 / ref:.3f}x / {cpu_ms / 1e3 / ref_cpu:.3f}x |")
-    main_side = times["Trainer.train_step (FSDP2, world 1)"]
+    main_side = times["Trainer.train_step (world 1, gloo)"]
     ratio, ratio_cpu = med(main_side["step"]) / ref, med(main_side["cpu"]) / ref_cpu
     pairs = med(a / r for a, r in zip(main_side["step"], times["hand-written loop"]["step"]))
     print(f"\nratio trainer / hand-written: wall {ratio:.3f} (median of per-step pairs {pairs:.3f}), process CPU time "

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 def hardware_overrides(cluster: ClusterConfig) -> list[str]:
     """The cluster's device figures as config overrides (the user's own overrides come after them and win)."""
     tflops = "null" if cluster.gpu_tflops is None else repr(float(cluster.gpu_tflops))
-    return [f"hardware.gpu_memory_gb={float(cluster.gpu_memory_gb)!r}", f"hardware.gpu_tflops={tflops}"]
+    out = [f"hardware.gpu_memory_gb={float(cluster.gpu_memory_gb)!r}", f"hardware.gpu_tflops={tflops}",
+           f"hardware.ranks_per_node={int(cluster.tasks_per_node)}"]
+    if cluster.interconnect_gbps is not None:
+        out.append(f"hardware.interconnect_gbps={float(cluster.interconnect_gbps)!r}")
+    return out
 
 
 def plan_all(cfg, world: int) -> list:

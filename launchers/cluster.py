@@ -36,6 +36,8 @@ class ClusterConfig:
     mlflow_uri: Optional[str] = None  # overrides tracking.uri when set
     gpu_memory_gb: float = 80.0  # memory limit the planner plans against (-> the run's hardware.gpu_memory_gb)
     gpu_tflops: Optional[float] = None  # bf16 dense peak, for the planner's time estimates (-> hardware.gpu_tflops)
+    # GB/s one rank all-gathers at across nodes (-> hardware.interconnect_gbps); None: the run config's
+    interconnect_gbps: Optional[float] = None
     # SLURM: the interpreter the compute nodes run (after `setup`); None: the submitting machine's own
     python: Optional[str] = None
 
@@ -72,7 +74,7 @@ def load_cluster(path: Optional[str]) -> ClusterConfig:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {getattr(cfg, key)}")
     if cfg.gpus_per_node < 0 or cfg.max_requeues < 0 or cfg.signal_delay_s < 0:
         raise ConfigError(f"{path}: keys 'gpus_per_node', 'max_requeues', 'signal_delay_s' must be >= 0")
-    for key in ("gpu_memory_gb", "gpu_tflops", "mem_per_task_gb", "threads_per_rank"):
+    for key in ("gpu_memory_gb", "gpu_tflops", "mem_per_task_gb", "threads_per_rank", "interconnect_gbps"):
         value = getattr(cfg, key)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")

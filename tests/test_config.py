@@ -69,3 +69,17 @@ def test_print_config_shows_the_resolved_config():
                         "optim.lr=2e-4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "lr: 0.0002" in r.stdout and "vit_h16" in r.stdout
+
+
+def test_the_legacy_deepspeed_stage_key_of_earlier_run_configs_still_loads(tmp_path):
+    """config.yaml files written by earlier versions (runs, exports) carry `deepspeed_stage`: it maps to
+    deepspeed.zero_stage, so those models still load for evaluation."""
+    import yaml
+
+    from radio_scale.config.loader import recipe_path
+
+    raw = yaml.safe_load(recipe_path("smoke").read_text())
+    raw["deepspeed_stage"] = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(str(path)).deepspeed.zero_stage == 1

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-CHECKS = {"teachers", "precision", "windows", "memory", "balancer", "checkpoint", "eval", "export", "loader"}
+CHECKS = {"teachers", "precision", "windows", "memory", "balancer", "checkpoint", "eval", "export", "loader",
+          "deepspeed", "eradio"}
 
 
 def test_gpu_check_cpu_dry_runs_every_check_and_passes(tmp_path):
@@ -30,6 +31,16 @@ def test_gpu_check_cpu_dry_runs_every_check_and_passes(tmp_path):
     assert checks["checkpoint"]["restored_exactly"] and checks["checkpoint"]["moved_after_save"]
     assert checks["balancer"]["balancer"] == "UncertaintyBalancer"
     assert checks["memory"]["plan_estimate_gb"] > 0
+    # E-RADIO rows (tiny presets in the dry run, eradio_b / eradio_l on a GPU): train and eval throughput, bf16
+    rows = checks["eradio"]["students"]
+    assert set(rows) == {"eradio_pico", "eradio_pico_noup"}
+    assert all(r["dtype"] == "bf16" and r["train_img_s"] > 0 and r["eval_img_s"] > 0 and r["gflops_per_img"] > 0
+               for r in rows.values())
+    assert "| eradio | PASS |" in r.stdout
+    # the DeepSpeed backend through the same acceptance steps: ZeRO-2, its checkpoint restored exactly, the export
+    ds = checks["deepspeed"]
+    assert ds["zero_stage"] == 2 and set(ds["windows"]) == {"0", "2", "3"}
+    assert ds["checkpoint"]["restored_exactly"] and ds["export"]["ok"]
 
 
 def test_gpu_check_knows_the_dense_bf16_peak_of_each_card():

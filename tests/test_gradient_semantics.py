@@ -96,3 +96,50 @@ def test_two_groups_unequal_batches_match_single_process_reference(tmp_path, red
     assert torch.allclose(got["grads"][sam_w], ref[sam_w], atol=1e-6, rtol=1e-4)
     for wrong in (2.0, 4.0, 0.25, 17.0, 1 / 17):
         assert not torch.allclose(got["grads"][sam_w], wrong * ref[sam_w], atol=1e-7, rtol=1e-3)
+
+
+# 4 ranks as 2 "nodes" of 2: each teacher group owns one node (one HSDP shard group)
+TWO_NODES = [o for o in OVERRIDES if not o.startswith("stages.1.groups.")] + [
+    "stages.1.groups.0.batch_per_rank=3", "stages.1.groups.1.batch_per_rank=1",
+    "stages.1.groups.0.ranks=2", "stages.1.groups.1.ranks=2", "hardware.ranks_per_node=2"]
+
+
+def test_hsdp_on_two_nodes_gives_the_reference_gradients_and_those_of_world_fsdp(tmp_path):
+    """parallel.student_sharding hybrid (FSDP2 on a 2 x 2 mesh: sharded within a node, replicated across) and
+    world (one 4-rank mesh): both give the single-process reference's gradients for the same 8 samples."""
+    got = {}
+    for mode in ("hybrid", "world"):
+        out = tmp_path / f"{mode}.pt"
+        run_torchrun(4, WORKER, [str(out), str(tmp_path / mode), *TWO_NODES, f"parallel.student_sharding={mode}"])
+        got[mode] = torch.load(out, weights_only=False)
+    assert got["hybrid"]["sharding"] == "hybrid" and got["hybrid"]["mesh"] == (2, 2)
+    assert got["world"]["sharding"] == "world" and got["world"]["mesh"] == (4,)
+    cfg = load_config("smoke", TWO_NODES)
+    ref, n = reference_grads(cfg, got["hybrid"]["batches"], "per_teacher")
+    assert n == 3 + 3 + 1 + 1
+    assert got["world"]["batches"][3]["sam"]["student"].equal(got["hybrid"]["batches"][3]["sam"]["student"])
+    for name, g in ref.items():
+        for mode in ("hybrid", "world"):
+            torch.testing.assert_close(got[mode]["grads"][name], g, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{mode} {name}: {m}")
+        torch.testing.assert_close(got["hybrid"]["grads"][name], got["world"]["grads"][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_match_the_same_single_process_reference(tmp_path, stage):
+    """distributed_backend deepspeed (one ZeRO engine for student + heads + balancer over the world): the same
+    two unequal groups, σReparam and activation checkpointing on, give the reference's gradients at every stage."""
+    overrides = [*OVERRIDES, "loss.reduction=per_teacher", "distributed_backend=deepspeed",
+                 f"deepspeed.zero_stage={stage}"]
+    out = tmp_path / "grads.pt"
+    run_torchrun(2, WORKER, [str(out), str(tmp_path / "run"), *overrides])
+    got = torch.load(out, weights_only=False)
+    assert got["checkpointing"] and all(got["checkpointing"])
+    cfg = load_config("smoke", [*OVERRIDES, "loss.reduction=per_teacher"])
+    ref, n = reference_grads(cfg, got["batches"], "per_teacher")
+    assert n == 4 and set(ref) <= set(got["grads"])
+    for name, g in ref.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
+    sam_w = [k for k in ref if k.startswith("heads.spatial.sam.")][0]
+    for wrong in (2.0, 0.5):
+        assert not torch.allclose(got["grads"][sam_w], wrong * ref[sam_w], atol=1e-7, rtol=1e-3)

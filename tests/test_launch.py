@@ -67,10 +67,12 @@ def test_missing_cluster_file_is_named(tmp_path):
     assert r.returncode == 2 and "cluster config not found" in r.stderr and "nope.yaml" in r.stderr
 
 
-def test_nan_losses_are_skipped_then_rolled_back_to_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("backend", [[], ["distributed_backend=deepspeed", "deepspeed.zero_stage=2"]],
+                         ids=["fsdp2", "deepspeed"])
+def test_nan_losses_are_skipped_then_rolled_back_to_the_last_checkpoint(tmp_path, backend):
     run_dir = tmp_path / "nan"
     overrides = [*FAST, "stages.0.steps=8", "stages.1.steps=1", "monitor.inject_nan_steps=[3, 5, 6, 7]",
-                 "monitor.nan_rollback_after=3"]
+                 "monitor.nan_rollback_after=3", *backend]
     r = run_launch(run_dir, overrides, cluster=one_node_cluster(tmp_path, 1))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     ev = events(run_dir)

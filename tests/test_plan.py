@@ -106,12 +106,52 @@ def test_activation_checkpointing_keeps_a_tenth_of_the_student_activations():
     arch = student_cost(load_config("two_stage")).arch
     full = arch.train_activation_bytes(432, checkpointing=False)
     ckpt = arch.train_activation_bytes(432, checkpointing=True)
-    # 32 blocks x 34 B/token/channel without, 32 x 2 B + one recomputed block with
-    assert full / ckpt == pytest.approx(32 * 34 / (32 * 2 + 34), rel=0.01)
-    assert full / 2**30 == pytest.approx(34 * 32 * (27 * 27 + 3) * 1280 / 2**30, rel=1e-6)
+    tokens, d = 27 * 27 + 3, 1280
+    root = 2 * tokens * (3 * 16 * 16 + d)  # patch-embedding input and output
+    # 32 blocks x 32 B/token/channel without, 32 x 2 B + one recomputed block with
+    assert full == pytest.approx(root + 32 * 32 * tokens * d, rel=1e-9)
+    assert ckpt == pytest.approx(root + (32 * 2 + 32) * tokens * d, rel=1e-9)
+    # windowed blocks keep 8 B more per token and channel of the grid padded to the window (27 -> 32)
+    windowed = arch.train_activation_bytes(432, checkpointing=False, window_size=8)
+    assert windowed - full == pytest.approx((32 - 4) * 8 * 32 * 32 * d, rel=1e-9)  # 4 global blocks
 
 
-# ------------------------------------------------------------------------------------------- rank counts
+@pytest.mark.parametrize("width", [128, 256])
+@pytest.mark.parametrize("window", [0, 8])
+def test_memory_model_matches_the_bytes_the_student_saves_for_backward(width, window):
+    """The planner's activation model against what autograd really keeps (bf16, like the GPU run): per image
+    (batch 2 minus batch 1) and, with σReparam, the per-step effective weights; within 10 %."""
+    from radio_scale.models.memory import saved_tensor_bytes
+    from radio_scale.models.student import build_student
+
+    res = 432  # a 27 x 27 grid: windows of 8 pad it to 32 x 32
+    overrides = [f"student.embed_dim={width}", "student.depth=3", f"student.num_heads={width // 64}",
+                 "student.cpe_grid=27", "student.global_blocks=[1]", f"student.window_sizes=[{window}]"]
+    measured = {}
+    for spectral in (False, True):
+        cfg = load_config("smoke", overrides + [f"student.spectral_reparam={str(spectral).lower()}"])
+        cost = student_cost(cfg)
+        torch.manual_seed(0)
+        model = build_student(cfg.student, [f"t{i}" for i in range(cost.num_summary)]).to(torch.bfloat16).train()
+        one, two = (saved_tensor_bytes(model, torch.randn(b, 3, res, res, dtype=torch.bfloat16), window_size=window)
+                    for b in (1, 2))
+        measured[spectral] = (two - one, 2 * one - two)  # per image, per step
+        model_per_image = cost.arch.train_activation_bytes(res, checkpointing=False, window_size=window)
+        assert two - one == pytest.approx(model_per_image, rel=0.10), (spectral, (two - one) / model_per_image)
+    sigma = measured[True][1] - measured[False][1]
+    assert sigma == pytest.approx(student_cost(cfg).spectral_bytes(checkpointing=False), rel=0.10)
+
+
+def test_student_flops_in_the_planner_are_the_students_own_count():
+    """One FLOP model: the planner's student cost is radio_scale.models.flops (checked against FlopCounterMode),
+    which pads windows after qkv; the SAM-style count (padding before qkv) would be ~11 % higher at 432 px."""
+    from radio_scale.models.flops import student_forward_flops
+
+    cfg = load_config("two_stage")
+    cost = student_cost(cfg)
+    for res, w in ((432, 0), (432, 8), (432, 16), (1024, 16)):
+        assert cost.forward_flops(res, w) == student_forward_flops(cfg.student, res, w, cost.num_summary)
+    assert cost.arch.forward_flops(432, 8) > 1.08 * cost.forward_flops(432, 8)
 
 
 def test_fractions_round_to_counts_that_sum_to_the_world_size():
@@ -328,3 +368,67 @@ def test_planner_benchmark_rewrites_only_its_own_section_of_the_benchmarks_doc(t
     fresh = tmp_path / "fresh.md"
     bench.write_section("## Planner utilisation\n\nx\n", fresh)
     assert fresh.read_text().startswith("# Benchmarks\n\n## Planner utilisation")
+
+
+# ------------------------------------------------------------------------------------------- student sharding
+
+
+def _recount(cfg, plan, coupling):
+    """Utilisation counted independently from the cost model: per window size, the step the ranks run."""
+    from radio_scale.distributed.cost import RECOMPUTE_FORWARDS, STUDENT_TRAIN_FORWARDS
+
+    rate = 989e12 * 0.4
+    student = student_cost(cfg)
+    steps, busy = [], []
+    for w in cfg.student.window_sizes:
+        teach, stud = [], []
+        for g in plan.groups:
+            k = STUDENT_TRAIN_FORWARDS + (RECOMPUTE_FORWARDS if g.activation_checkpointing else 0)
+            teach.append(g.batch_per_rank * sum(teacher_cost(cfg.teacher(t)).forward_flops for t in g.teachers) / rate)
+            stud.append(g.batch_per_rank * k * student.forward_flops(g.resolution, w) / rate)
+        if coupling == "hybrid":
+            steps.append(max(t + s for t, s in zip(teach, stud)))
+        else:
+            steps.append(max(teach) + max(stud))
+        busy.append(sum(g.num_ranks * (t + s) for g, t, s in zip(plan.groups, teach, stud)))
+    return [b / (plan.world_size * s) for b, s in zip(busy, steps)], sum(busy) / (plan.world_size * sum(steps))
+
+
+@pytest.mark.parametrize("coupling", ["world", "hybrid"])
+def test_utilisation_is_the_step_the_ranks_run_per_window(coupling):
+    cfg = load_config("two_stage_auto")
+    plan = make_plan(cfg, 64, 1, student_sharding=coupling)
+    per_window, averaged = _recount(cfg, plan, coupling)
+    assert plan.student_sharding == coupling
+    assert [u for _, u in plan.utilisation_per_window] == pytest.approx(per_window, rel=1e-9)
+    assert plan.utilisation == pytest.approx(averaged, rel=1e-9)
+    if coupling == "hybrid":  # every group owns whole nodes (shard groups of 8)
+        assert all(g.num_ranks % 8 == 0 and g.ranks[0] % 8 == 0 for g in plan.groups)
+
+
+def test_auto_picks_hsdp_on_64_gpus_and_world_fsdp_where_hsdp_cannot_balance():
+    cfg = load_config("two_stage_auto")
+    world = make_plan(cfg, 64, 1, student_sharding="world")
+    auto = make_plan(cfg, 64, 1)
+    assert auto.student_sharding == "hybrid" and auto.shard_group_size == 8
+    assert auto.utilisation >= 0.95 > world.utilisation  # the world mesh couples the groups at every block
+    # the student's fp32 state is sharded over 8 ranks, not 64: more memory per rank, still within 80 GB
+    assert auto.group("clip_dino").memory_breakdown_gb["student_states"] > world.group("clip_dino").memory_breakdown_gb["student_states"]
+    assert all(g.memory_gb <= 80 for g in auto.groups)
+    # 16 GPUs = 2 nodes: HSDP could only split 8/8, far from balanced; auto keeps world FSDP
+    assert make_plan(cfg, 16, 1).student_sharding == "world"
+    # one node: nothing to replicate
+    assert make_plan(cfg, 8, 1).student_sharding == "world"
+
+
+def test_hybrid_sharding_that_cannot_run_is_a_one_line_error_naming_the_key():
+    cfg = load_config("two_stage", ["parallel.student_sharding=hybrid", "stages.1.groups.0.ranks=36",
+                                    "stages.1.groups.1.ranks=28"])
+    with pytest.raises(ValueError, match=r"parallel.student_sharding.*stages.1.groups.0.ranks.*36.*multiple of the shard group size 8"):
+        make_plan(cfg, 64, 1)
+    ok = load_config("two_stage", ["parallel.student_sharding=hybrid"])
+    assert make_plan(ok, 64, 1).student_sharding == "hybrid"
+    with pytest.raises(ValueError, match="not a multiple of the shard group size 8"):
+        make_plan(ok, 60, 1)
+    # a shard group as large as the world is world FSDP
+    assert make_plan(ok, 8, 1).student_sharding == "world"

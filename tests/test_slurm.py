@@ -37,10 +37,12 @@ def job_state(job_id: str) -> str:
     return r.stdout.strip() or "GONE"
 
 
-def test_preempted_slurm_job_requeues_resumes_and_keeps_one_mlflow_run(tmp_path):
+@pytest.mark.parametrize("backend", [[], ["distributed_backend=deepspeed", "deepspeed.zero_stage=3"]],
+                         ids=["fsdp2", "deepspeed"])
+def test_preempted_slurm_job_requeues_resumes_and_keeps_one_mlflow_run(tmp_path, backend):
     assert slurm_up(), "SLURM controller is not running"
     run_dir = tmp_path / "run"
-    steps = ["stages.0.steps=6", "stages.1.steps=6"]
+    steps = ["stages.0.steps=6", "stages.1.steps=6", *backend]
     r = run_launch(run_dir, [*FAST, *steps], cluster=CLUSTER, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = re.search(r"submitted SLURM job (\d+)", r.stdout).group(1)

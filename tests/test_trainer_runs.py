@@ -64,12 +64,13 @@ def _export(run_dir):
     return load_file(str(run_dir / "export" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("case", ["kill_mid_stage", "kill_during_checkpoint_write"])
+@pytest.mark.parametrize("case", ["kill_mid_stage"])
 def test_kill_9_then_relaunch_is_bit_identical(uninterrupted, tmp_path, case):
     """kill -9 of a rank, relaunch at the same world size: the export equals the uninterrupted run's, tensor by
-    tensor. kill_mid_stage resumes from a checkpoint in the middle of stage 2 (step 8); in
-    kill_during_checkpoint_write rank 0 dies while writing step 8 (shards on disk, no marker): the half-written
-    directory is skipped and step 6, also mid-stage, is resumed."""
+    tensor. kill_mid_stage resumes from a checkpoint in the middle of stage 2 (step 8). (A kill *during* a
+    checkpoint write, `kill_during_checkpoint_write` here, runs under HSDP (test_hsdp.py), ZeRO-3
+    (test_deepspeed.py) and with an E-RADIO / timm student (test_students.py), each against its own
+    uninterrupted run; the branch below is kept for running it under world FSDP by hand.)"""
     run_dir = tmp_path / "killed"
     drill = ["monitor.inject_kill_in_checkpoint=8"] if case == "kill_during_checkpoint_write" else []
     proc = subprocess.Popen(launch_cmd(run_dir, [*RUN, *drill]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

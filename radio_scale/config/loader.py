@@ -216,6 +216,11 @@ def _build(cls: type, raw: Any, prefix: str, src: str) -> Any:
 def build_config(raw: dict, src: str) -> RunConfig:
     """Raw recipe dict -> RunConfig (types checked, unknown keys refused)."""
     raw = dict(raw)
+    if "deepspeed_stage" in raw:  # the key of earlier versions (their run and export config.yaml files)
+        legacy = raw.pop("deepspeed_stage")
+        ds = raw.setdefault("deepspeed", {})
+        if isinstance(ds, dict):
+            ds.setdefault("zero_stage", legacy)
     teachers = raw.get("teachers", {})
     if not isinstance(teachers, dict):
         raise ConfigError(f"{src}: key 'teachers' must be a mapping of teacher name -> settings")
@@ -294,9 +299,7 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False, for_training: 
             raise ConfigError(f"{src}: key 'student.timm_kwargs': timm model '{cfg.student.arch[len(TIMM_PREFIX):]}' "
                               f"does not build with {dict(cfg.student.timm_kwargs)}: {str(e).splitlines()[0][:200]}")
     check_values(cfg, src)
-    if cfg.distributed_backend != "fsdp2":
-        raise ConfigError(f"{src}: key 'distributed_backend' is '{cfg.distributed_backend}': only 'fsdp2' is "
-                          "implemented in this version")
+    _check_backend(cfg, src)
     patch = student_patch_size(cfg)
     names = [t.name for t in cfg.teachers]
     if not names:
@@ -373,8 +376,35 @@ def validate(cfg: RunConfig, src: str, check_files: bool = False, for_training: 
                           f"watchdog timeout, but {', '.join(too_long)}: raise monitor.collective_timeout_s above "
                           f"{max(phases.values()):g} (or lower those), so the watchdog reports a hang before the "
                           "collective timeout aborts every rank")
+    if cfg.hardware.ranks_per_node < 1:
+        raise ConfigError(f"{src}: key 'hardware.ranks_per_node' must be >= 1, got {cfg.hardware.ranks_per_node}")
+    if cfg.parallel.shard_group_size < 0:
+        raise ConfigError(f"{src}: key 'parallel.shard_group_size' must be >= 0 (0: hardware.ranks_per_node), "
+                          f"got {cfg.parallel.shard_group_size}")
     if not (cfg.hardware.interconnect_gbps > 0 and math.isfinite(cfg.hardware.interconnect_gbps)):
         raise ConfigError(f"{src}: key 'hardware.interconnect_gbps' must be > 0, got {cfg.hardware.interconnect_gbps}")
+
+
+def _check_backend(cfg: RunConfig, src: str) -> None:
+    """distributed_backend and its options: a bad combination is one line naming the key."""
+    ds = cfg.deepspeed
+    if ds.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"{src}: key 'deepspeed.zero_stage' is {ds.zero_stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
+    if cfg.distributed_backend == "deepspeed":
+        if ds.offload_param != "none" and ds.zero_stage != 3:
+            raise ConfigError(f"{src}: key 'deepspeed.offload_param' is '{ds.offload_param}': parameter offload "
+                              f"needs deepspeed.zero_stage 3 (it is {ds.zero_stage})")
+        if cfg.parallel.student_sharding == "hybrid":
+            raise ConfigError(f"{src}: key 'parallel.student_sharding' is 'hybrid': HSDP is the fsdp2 backend's; "
+                              "with distributed_backend deepspeed use 'world' or 'auto'")
+        if not isinstance(ds.config, dict):
+            raise ConfigError(f"{src}: key 'deepspeed.config' must be a mapping of DeepSpeed config keys")
+    else:
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(ds, key) != "none":
+                raise ConfigError(f"{src}: key 'deepspeed.{key}' is '{getattr(ds, key)}', but distributed_backend is "
+                                  f"'{cfg.distributed_backend}': offload is a DeepSpeed option (distributed_backend: "
+                                  "deepspeed)")
 
 
 def _need(ok: bool, src: str, key: str, rule: str, value: Any) -> None:

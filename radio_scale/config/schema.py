@@ -168,6 +168,33 @@ class HardwareConfig:
     # bandwidth one rank all-gathers sharded teacher weights at (GB/s; NVLink within a node is ~ 300-450,
     # InfiniBand NDR across nodes ~ 50); the planner counts sharded teachers' communication with it
     interconnect_gbps: float = 50.0
+    # ranks per node (the cluster file's tasks_per_node): hybrid student sharding shards within node-aligned
+    # blocks of this many ranks (parallel.shard_group_size overrides it)
+    ranks_per_node: int = 8
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the student (with its heads and the balancer) is sharded.
+
+    world: FSDP2 over every rank (least memory; every rank all-gathers every block together, so teacher groups
+    wait for each other once per block). hybrid: FSDP2 within node-aligned shard groups, replicated across them
+    (HSDP on a 2-D mesh): each teacher group owns whole shard groups, so groups meet only at the gradient
+    all-reduce. auto: the planner picks the one with the higher utilisation that fits memory.
+    """
+
+    student_sharding: Literal["auto", "world", "hybrid"] = "auto"
+    shard_group_size: int = 0  # ranks per shard group under hybrid; 0: hardware.ranks_per_node
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """The DeepSpeed backend (distributed_backend: deepspeed): ZeRO stage, offload, extra DeepSpeed config."""
+
+    zero_stage: int = 2  # 1: optimizer states sharded; 2: + gradients; 3: + parameters
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO-Offload of optimizer states and step (stages 1-3)
+    offload_param: Literal["none", "cpu"] = "none"  # ZeRO-Infinity parameter offload (stage 3 only)
+    config: dict = field(default_factory=dict)  # merged over the generated DeepSpeed config (advanced keys)
 
 
 @dataclass(frozen=True)
@@ -186,11 +213,12 @@ class RunConfig:
     monitor: MonitorConfig = MonitorConfig()
     eval: EvalConfig = EvalConfig()
     hardware: HardwareConfig = HardwareConfig()
+    parallel: ParallelConfig = ParallelConfig()
     seed: int = 0
     run_dir: Optional[str] = None  # None: runs/<name>
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     distributed_backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
-    deepspeed_stage: int = 2
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     def teacher(self, name: str) -> TeacherConfig:
         """The teacher config called `name`."""

@@ -11,10 +11,16 @@ Memory model (bf16 on GPU, per rank, in bytes):
   16 B/param sharded over the world, plus the unsharded working set: bf16 params and bf16/fp32 grads of
   FSDP_GATHERED_BLOCKS blocks (current + prefetched) and of the root module (patch embed, position grid,
   heads), which stays gathered through the step;
-- student activations with fused attention (no N x N matrix): ACT_BYTES(r) = 18 + 4r bytes per
-  token per channel per block, r = MLP ratio (34 for r = 4: Korthikanti et al. 2022 without dropout masks).
-  With activation checkpointing a block keeps only its bf16 input (2 B) and one block at a time is
-  recomputed in full;
+- student activations, calibrated against the saved-for-backward bytes this code keeps (measured with
+  torch.autograd.graph.saved_tensors_hooks by tests/test_plan.py, at two widths, with and without windows and
+  σReparam; the model is asserted within 10 %): per token, channel and block ACT_BYTES(r) = 16 + 4r bytes with
+  global attention (32 for r = 4: block input, LN outputs, q/k/v, attention output, projection input, the two
+  MLP tensors), plus WINDOW_COPY_BYTES (8) per *padded* token and channel in a windowed block (the windowed
+  copies of q, k, v and the attention output, over the grid padded to a multiple of the window); the root
+  keeps the patch-embedding input and output (3p^2 + d bf16 values per token). With activation checkpointing
+  a block keeps only its bf16 input (2 B) and one block at a time is recomputed in full. The memory the plan
+  reserves is the largest over the student's window sizes. σReparam saves each linear's bf16 effective weight
+  for backward: 12 d^2 x 2 B per block kept (one block under checkpointing), independent of the batch;
 - teachers: bf16 params, full if replicated; if FSDP-sharded, the image encoder /group size + its gathered
   blocks, and the parts the forward never runs (CLIP's text tower, SAM's decoder) in full; no-grad forward
   keeps one block's transient tensors (TEACHER_ACT_BYTES(r) = 12 + 4r B per token per channel), plus the
@@ -48,10 +54,14 @@ RECOMPUTE_FORWARDS = 1  # activation checkpointing reruns the forward once durin
 DEFAULT_INTERCONNECT_GBPS = 50.0  # GB/s one rank all-gathers at (InfiniBand NDR 400 Gb/s across nodes)
 
 
+WINDOW_COPY_BYTES = 8.0  # windowed q, k, v and attention output (bf16), per padded token and channel
+
+
 def act_bytes(mlp_ratio: float) -> float:
-    """Bytes stored for backward per token per channel in one pre-norm ViT block (bf16, fused attention)."""
-    # LN1 in, QKV in, Q/K/V, attention out, proj in, LN2 in, fc1 in: 2+2+6+2+2+2+2 = 18; fc1 out, act out: 2r+2r
-    return 18.0 + 4.0 * mlp_ratio
+    """Bytes stored for backward per token per channel in one pre-norm ViT block of the student (bf16, fused
+    global attention); measured 32.1 for r = 4 (tests/test_plan.py)."""
+    # block in, LN1 out, Q/K/V, attention out, proj in, LN2 out: 2+2+6+2+2+2 = 16; fc1 out, GELU out: 2r+2r
+    return 16.0 + 4.0 * mlp_ratio
 
 
 def teacher_act_bytes(mlp_ratio: float) -> float:
@@ -80,6 +90,7 @@ class VisionArch:
     pos_grid: int = 0  # learned position grid side (0: one position per patch at image_size)
     out_dim: int = 0  # channels of the spatial features (0: width)
     summary_dim: int = 0  # channels of the summary vector (0: no summary)
+    spectral: bool = False  # σReparam linears (the student's spectral_reparam)
 
     @property
     def mlp_ratio(self) -> float:
@@ -134,12 +145,29 @@ class VisionArch:
             flops += 2.0 * n * (d * self.neck_dim + 9 * self.neck_dim * self.neck_dim)
         return flops
 
-    def train_activation_bytes(self, image_size: int, checkpointing: bool) -> float:
-        """Activation bytes one image keeps for backward (bf16, fused attention)."""
-        per_block = act_bytes(self.mlp_ratio) * self.tokens(image_size) * self.width
+    def train_activation_bytes(self, image_size: int, checkpointing: bool, window_size: int = 0) -> float:
+        """Activation bytes one image keeps for backward (bf16, fused attention) at this window size."""
+        d, g = self.width, image_size // self.patch_size
+        n = self.tokens(image_size)
+        glob = act_bytes(self.mlp_ratio) * n * d
+        if window_size and not (window_size >= g):
+            padded = (math.ceil(g / window_size) * window_size) ** 2
+            win = glob + WINDOW_COPY_BYTES * padded * d
+        else:
+            win = glob
+        n_global = sum(1 for i in range(self.depth) if i in set(self.global_blocks))
+        root = BF16 * n * (3 * self.patch_size**2 + d)  # patch-embedding input and output
         if not checkpointing:
-            return self.depth * per_block
-        return self.depth * BF16 * self.tokens(image_size) * self.width + per_block
+            return root + n_global * glob + (self.depth - n_global) * win
+        return root + self.depth * BF16 * n * d + max(glob, win)
+
+    def spectral_bytes(self, checkpointing: bool) -> float:
+        """σReparam's saved bf16 effective weights (per step, not per image): every block's, or one recomputed
+        block's under activation checkpointing."""
+        if not self.spectral:
+            return 0.0
+        per_block = BF16 * (4 * self.width * self.width + (3 if self.swiglu else 2) * self.width * self.mlp_hidden)
+        return per_block * (1 if checkpointing else self.depth)
 
     def forward_working_bytes(self, image_size: int) -> float:
         """Peak transient bytes of one image in a no-grad forward (one block alive at a time)."""
@@ -374,6 +402,7 @@ def student_arch(student: StudentConfig, prefix_tokens: int) -> VisionArch:
         prefix_tokens=prefix_tokens + student.num_registers,
         global_blocks=tuple(student.global_blocks),
         pos_grid=student.cpe_grid,
+        spectral=student.spectral_reparam,
     )
 
 
@@ -383,6 +412,8 @@ class StudentCost:
 
     arch: VisionArch
     head_params: int
+    config: Optional[StudentConfig] = None  # a ViT preset student: its FLOPs come from models/flops.py
+    num_summary: int = 0
 
     @property
     def params(self) -> int:
@@ -394,10 +425,31 @@ class StudentCost:
         return self.params - self.arch.depth * self.arch.block_params
 
     def forward_flops(self, resolution: int, window_size: int) -> float:
+        """Forward FLOPs of one image: the one student FLOP model (radio_scale.models.flops, checked against
+        FlopCounterMode), which pads windows after qkv as the student does; VisionArch.forward_flops pads before
+        qkv, as SAM's teacher encoder does."""
+        if self.config is not None:
+            from radio_scale.models.flops import student_forward_flops
+
+            return student_forward_flops(self.config, resolution, window_size, self.num_summary)
         return self.arch.forward_flops(resolution, window_size)
 
-    def state_bytes(self, world_size: int) -> float:
-        """Sharded fp32 params/grads/AdamW moments plus the gathered bf16 working set on one rank."""
+    def activation_bytes(self, resolution: int, checkpointing: bool, windows: tuple[int, ...]) -> float:
+        """Per-image activation bytes the plan reserves: the largest over the step's possible window sizes."""
+        return max(self.arch.train_activation_bytes(resolution, checkpointing, w) for w in windows)
+
+    def spectral_bytes(self, checkpointing: bool) -> float:
+        fn = getattr(self.arch, "spectral_bytes", None)
+        return fn(checkpointing) if fn else 0.0
+
+    def state_bytes(self, world_size: int, zero_stage: int = 3) -> float:
+        """Sharded fp32 params/grads/AdamW moments plus the gathered bf16 working set on one rank.
+
+        zero_stage (DeepSpeed; FSDP2 is 3): 1 keeps bf16 params and grads whole on every rank and shards the fp32
+        master weights and moments (4 + 12/n B per parameter); 2 also shards the grads (2 + 14/n)."""
+        if zero_stage in (1, 2):
+            whole = BF16 * (2 if zero_stage == 1 else 1)
+            return self.params * (whole + (ADAM_BYTES_PER_PARAM - whole) / world_size)
         sharded = ADAM_BYTES_PER_PARAM * self.params / world_size
         # gathered bf16 params + bf16 grads + fp32 grads for the reduce-scatter
         gathered = (BF16 + BF16 + FP32) * (FSDP_GATHERED_BLOCKS * self.arch.block_params + self.root_params)
@@ -434,7 +486,7 @@ class BackboneArch:
     def forward_flops(self, image_size: int, window_size: Optional[int] = None) -> float:
         return self.figures(image_size).forward_flops
 
-    def train_activation_bytes(self, image_size: int, checkpointing: bool) -> float:
+    def train_activation_bytes(self, image_size: int, checkpointing: bool, window_size: int = 0) -> float:
         f = self.figures(image_size)
         return f.act_bytes_ckpt if checkpointing else f.act_bytes
 
@@ -456,11 +508,12 @@ def student_cost(cfg: RunConfig) -> StudentCost:
         d = arch.width
         heads = sum((d * d + d * t.summary_dim if t.has_summary else 0) + d * d + d * t.embed_dim for t in teachers)
         return BackboneStudentCost(arch, heads)
-    arch = student_arch(cfg.student, sum(t.has_summary for t in teachers))
+    n_summary = sum(t.has_summary for t in teachers)
+    arch = student_arch(cfg.student, n_summary)
     d = arch.width
     # every head is a 2-layer MLP with the student's width as hidden size
     heads = sum((d * d + d * t.summary_dim if t.has_summary else 0) + d * d + d * t.embed_dim for t in teachers)
-    return StudentCost(arch, heads)
+    return StudentCost(arch, heads, cfg.student, n_summary)
 
 
 def head_loss_bytes(student: VisionArch, resolution: int, teacher: TeacherCost) -> float:

@@ -1,4 +1,5 @@
-"""Sharding: FSDP2 for the student + every head over the world; teachers sharded over their group or replicated."""
+"""Sharding: FSDP2 for the student + every head over the world (or HSDP: within node-aligned shard groups,
+replicated across them); teachers sharded over their group or replicated."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,29 @@ def world_mesh(device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device, precision: str) -> nn.Module:
+def student_mesh(device: torch.device, shard_group_size: int = 0) -> DeviceMesh:
+    """The student's mesh: 1-D over the world (`shard_group_size` 0 or >= world), or 2-D (replicate, shard) with
+    shard groups of `shard_group_size` consecutive ranks (one node each) for HSDP."""
+    world = dist.get_world_size()
+    if not shard_group_size or shard_group_size >= world:
+        return world_mesh(device)
+    if world % shard_group_size:
+        raise ValueError(f"hybrid student sharding: world size {world} is not a multiple of the shard group size "
+                         f"{shard_group_size} (parallel.shard_group_size / hardware.ranks_per_node)")
+    return init_device_mesh(device.type, (world // shard_group_size, shard_group_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device, precision: str,
+                  shard_group_size: int = 0) -> nn.Module:
     """FSDP2 per transformer block, then the root (patch embed, position grid, tokens, heads, balancer).
+
+    shard_group_size (the plan's, under `parallel.student_sharding: hybrid`): HSDP on a 2-D mesh. Each unit is
+    sharded within its shard group (all-gathers and reduce-scatters stay inside a node) and replicated across
+    shard groups, whose gradients meet in one all-reduce per unit in backward, issued on FSDP2's all-reduce
+    stream: the compute of one shard group never waits for another's until the end of backward. Teacher groups
+    that own whole shard groups therefore stop waiting for each other at every block. The gradient is still the
+    mean over all ranks (FSDP2 divides by shard x replicate size), so the trainer's scaling is unchanged.
 
     Activation checkpointing is not applied here: it is a per-block switch the trainer sets for each micro-batch
     from the plan of the group being computed (RadioStudent.set_activation_checkpointing).
@@ -36,13 +58,13 @@ def shard_student(model: nn.Module, blocks: nn.ModuleList, device: torch.device,
     mp = mixed_precision(device, precision)
     if mp is None and (not dist.is_initialized() or dist.get_world_size() == 1):
         # One rank in fp32: FSDP2 would only add per-step buffer copies and DTensor dispatch (1.31x step time
-        # measured in benchmarks/trainer_overhead.py); a plain module checkpoints and reshards the same way
+        # measured by an earlier benchmarks/trainer_overhead.py); a plain module checkpoints and reshards the same way
         # through DCP. In bf16 a one-rank mesh is used, so one GPU computes exactly as each rank of many does.
         return model
     if not dist.is_initialized():
         raise RuntimeError(f"precision '{precision}' on {device}: the student's bf16 policy is FSDP2's, which needs "
                            "torch.distributed initialised (radio_scale.distributed.env.init_distributed)")
-    mesh = world_mesh(device)
+    mesh = student_mesh(device, shard_group_size)
     kw = {"mesh": mesh}
     if mp is not None:
         kw["mp_policy"] = mp

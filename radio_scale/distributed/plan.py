@@ -37,22 +37,34 @@ the largest teacher first, until it fits. A sharded teacher all-gathers its enco
 (cost.teacher_comm_bytes) at `hardware.interconnect_gbps`, overlapped with its compute: its time is the larger
 of the two. The table prints which teachers are sharded and the bytes a rank all-gathers per step.
 
-Time and utilisation. A rank's step FLOPs are batch x (student forward x 3, x 4 with activation
-checkpointing, + every teacher's forward), averaged over the student's window sizes (one is sampled
-per step). Step time = FLOPs / (device_tflops x mfu), a sharded teacher's forward taking at least its
-communication time. Planned utilisation = Σ over ranks of the rank's
-busy time / (world size x the step time of the slowest group), so a perfectly balanced plan is 1.0;
-with sampling rates, a group only computes on the steps where it is active and the step time is the
-expectation, over which groups are active, of the slowest active group. `lockstep_utilisation` is a
-pessimistic variant: every step's window size is shared by all ranks and ranks wait for each other
-between the teachers' forward and the student's (FSDP's first all-gather acts as a barrier).
+Time and utilisation: the step the ranks run. A rank's step FLOPs are batch x (student forward x 3, x 4 with
+activation checkpointing, + every teacher's forward); the student's forward FLOPs are the one student FLOP model
+(radio_scale.models.flops, checked against FlopCounterMode). Time = FLOPs / (device_tflops x mfu), a sharded
+teacher's forward taking at least its communication time. Every rank uses the same attention window in a step
+(one drawn per step from `student.window_sizes`), so the step time is computed *per window size*, as the
+slowest rank under the coupling of the student's sharding, then averaged over the window sizes (and over which
+groups are active, with sampling rates):
+- world (`parallel.student_sharding: world`, FSDP2 over every rank): every rank all-gathers every student
+  block together, so the first all-gather waits for the slowest group's teachers, and each block waits for the
+  slowest group's student pass: step(w) = max over groups of the teachers' time + max over groups of the
+  student's time at window w;
+- hybrid (HSDP: sharded within node-aligned shard groups of `parallel.shard_group_size` ranks, default
+  `hardware.ranks_per_node`, replicated across them; every group owns whole shard groups): groups meet only at
+  the gradient all-reduce, so step(w) = max over groups of (teachers + student at window w).
+Utilisation = Σ over ranks of busy time / (world size x step time), both averaged over windows (so a
+perfectly balanced plan is 1.0); `utilisation_per_window` gives it for each window size, and `goodput` is the
+same without the recompute of activation checkpointing. With `student_sharding: auto` the planner plans every
+stage both ways and keeps hybrid when it is feasible on every stage (the world a whole number of shard groups,
+each group a whole number of them), fits memory and raises the run's goodput (steps-weighted over stages) by
+more than GOODPUT_TIE; the choice is made once per run, since the student is sharded once. Memory per rank
+rises under hybrid: the student's fp32 state is sharded over the shard group, not the world.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -148,13 +160,20 @@ class RankPlan:
     step_time_s: float  # expected time of one step (the slowest active group)
     utilisation: float  # busy rank-time / (world size x step time)
     goodput: float  # utilisation without the recompute of activation checkpointing
-    lockstep_utilisation: float  # utilisation if ranks also wait for each other between teachers and student
     memory_limit_gb: float
     device_tflops: float
     mfu: float
     planned: bool  # the planner chose ranks, batch or checkpointing for some group
     warnings: tuple[str, ...] = field(default=())
     interconnect_gbps: float = DEFAULT_INTERCONNECT_GBPS
+    student_sharding: str = "world"  # "world" (FSDP2 over all ranks) | "hybrid" (HSDP within shard groups)
+    shard_group_size: int = 0  # ranks per student shard group (the world size under "world")
+    utilisation_per_window: tuple[tuple[int, float], ...] = ()  # (window size, utilisation of such a step)
+
+    @property
+    def student_mesh_size(self) -> int:
+        """The shard-group size the trainer gives shard_student: 0 (one world mesh) or the HSDP shard group."""
+        return self.shard_group_size if self.student_sharding == "hybrid" else 0
 
     @property
     def effective_batch(self) -> float:
@@ -224,7 +243,9 @@ class RankPlan:
             "samples_per_second": self.samples_per_second,
             "utilisation": self.utilisation,
             "goodput": self.goodput,
-            "lockstep_utilisation": self.lockstep_utilisation,
+            "utilisation_per_window": {str(w): u for w, u in self.utilisation_per_window},
+            "student_sharding": self.student_sharding,
+            "shard_group_size": self.shard_group_size,
             "memory_limit_gb": self.memory_limit_gb,
             "device_tflops": self.device_tflops,
             "interconnect_gbps": self.interconnect_gbps,
@@ -273,8 +294,13 @@ class RankPlan:
         lines.append(
             f"{self.world_size} ranks ({'planned' if self.planned else 'as configured'}): effective batch "
             f"{self.effective_batch:g}, step {self.step_time_s * 1e3:.4g} ms, {self.samples_per_second:.4g} samples/s, "
-            f"utilisation {self.utilisation:.3f} (goodput {self.goodput:.3f}, lockstep {self.lockstep_utilisation:.3f})"
+            f"utilisation {self.utilisation:.3f} (goodput {self.goodput:.3f}; per window "
+            + ", ".join(f"{w or 'global'}: {u:.3f}" for w, u in self.utilisation_per_window) + ")"
         )
+        lines.append(f"student sharding: {self.student_sharding} "
+                     + (f"(HSDP: shard groups of {self.shard_group_size} ranks, replicated "
+                        f"{self.world_size // max(self.shard_group_size, 1)}x)" if self.student_sharding == "hybrid"
+                        else "(FSDP2 over all ranks: groups wait for each other at every block)"))
         lines.append(f"assumes {self.device_tflops:g} TFLOPS x {self.mfu:g} MFU per rank, "
                      f"{self.memory_limit_gb:g} GB memory limit, {self.interconnect_gbps:g} GB/s all-gather "
                      "bandwidth for sharded teachers")
@@ -437,7 +463,7 @@ class _GroupModel:
 
 def _option(gm: _GroupModel, student: StudentCost, batch: int, ac: bool, world_size: int, windows: tuple[int, ...],
             flops_per_s: float, colocated: tuple[TeacherCost, ...] = (), sharding: Optional[dict] = None,
-            bytes_per_s: float = DEFAULT_INTERCONNECT_GBPS * 1e9) -> _Option:
+            bytes_per_s: float = DEFAULT_INTERCONNECT_GBPS * 1e9, zero_stage: int = 3) -> _Option:
     res = gm.cfg.resolution
     sharding = dict(gm.sharding if sharding is None else sharding)
     fwd = [student.forward_flops(res, w) for w in windows]
@@ -452,8 +478,8 @@ def _option(gm: _GroupModel, student: StudentCost, batch: int, ac: bool, world_s
     replicated = sum(BF16 * t.params for t in gm.teachers if sharding[t.name] != "fsdp")
     replicated += sum(BF16 * t.params for t in colocated)
     parts = {
-        "student_states": student.state_bytes(world_size),
-        "student_activations": batch * student.arch.train_activation_bytes(res, ac),
+        "student_states": student.state_bytes(world_size, zero_stage),  # world_size: the student's shard group
+        "student_activations": batch * student.activation_bytes(res, ac, windows) + student.spectral_bytes(ac),
         "heads_and_losses": batch * sum(head_loss_bytes(student.arch, res, t) for t in gm.teachers),
         "teacher_params": replicated + gathered,
         "teacher_activations": batch * max(t.working_bytes for t in gm.teachers),
@@ -494,36 +520,123 @@ def _active_sets(rates: list[float]) -> list[tuple[float, tuple[bool, ...]]]:
     return sets
 
 
-def _step_time(classes: list[list[tuple[int, _Option]]], rates: list[float], lockstep: bool) -> float:
-    """Expected step time: the slowest rank, over which groups are active (and window sizes when lockstep).
+def _window_step_times(classes: list[list[tuple[int, _Option]]], rates: list[float], coupling: str) -> list[float]:
+    """Expected step time per window size: the slowest rank under the sharding's coupling, over which groups are
+    active (module docstring). classes: for each distinct kind of rank, the (group index, option) it computes in
+    turn."""
+    n_w = len(classes[0][0][1].student_s)
+    out = []
+    for w in range(n_w):
+        total = 0.0
+        for p, mask in _active_sets(rates):
+            teach = [sum(o.teacher_s for gi, o in cls if mask[gi]) for cls in classes]
+            stud = [sum(o.student_s[w] for gi, o in cls if mask[gi]) for cls in classes]
+            if coupling == "hybrid":
+                slowest = max(t + st for t, st in zip(teach, stud))
+            else:  # one world mesh: the teachers' slowest, then every block at the slowest group's pace
+                slowest = max(teach) + max(stud)
+            total += p * slowest
+        out.append(total)
+    return out
 
-    classes: for each distinct kind of rank, the (group index, option) it computes in turn.
-    """
-    total = 0.0
-    for p, mask in _active_sets(rates):
-        if not lockstep:
-            slowest = max(sum(o.time_s for gi, o in cls if mask[gi]) for cls in classes)
-        else:
-            n_w = len(classes[0][0][1].student_s)
-            teach = max(sum(o.teacher_s for gi, o in cls if mask[gi]) for cls in classes)
-            stud = np.mean([max(sum(o.student_s[w] for gi, o in cls if mask[gi]) for cls in classes)
-                            for w in range(n_w)])
-            slowest = teach + float(stud)
-        total += p * slowest
-    return total
+
+def _step_time(classes: list[list[tuple[int, _Option]]], rates: list[float], coupling: str) -> float:
+    """Expected step time, averaged over the window sizes (drawn uniformly per step)."""
+    return float(np.mean(_window_step_times(classes, rates, coupling)))
+
+
+def _busy_per_window(classes, class_sizes, rates, useful: bool = False) -> list[float]:
+    """Σ over ranks of busy time per step, per window size."""
+    n_w = len(classes[0][0][1].student_s)
+    return [sum(n * sum(rates[gi] * (o.teacher_s + (o.useful_student_s if useful else o.student_s)[w])
+                        for gi, o in cls) for n, cls in zip(class_sizes, classes)) for w in range(n_w)]
 
 
 # ---------------------------------------------------------------------------------------------- planning
 
 
+def shard_group_size(cfg: RunConfig) -> int:
+    """Ranks per student shard group under hybrid sharding: parallel.shard_group_size, else one node's ranks."""
+    return cfg.parallel.shard_group_size or cfg.hardware.ranks_per_node
+
+
+def hybrid_infeasible(cfg: RunConfig, world_size: int) -> Optional[str]:
+    """Why hybrid sharding cannot run this config at this world size (None: it can, on every stage)."""
+    size = shard_group_size(cfg)
+    if size <= 1 or size >= world_size:
+        return (f"the shard group ({size} ranks: parallel.shard_group_size / hardware.ranks_per_node) must be "
+                f"larger than 1 and smaller than the world size {world_size}")
+    if world_size % size:
+        return f"world size {world_size} is not a multiple of the shard group size {size}"
+    units = world_size // size
+    for i, stage in enumerate(cfg.stages):
+        if len(stage.groups) > units:
+            return (f"stage '{stage.name}' has {len(stage.groups)} groups, more than the {units} shard groups of "
+                    f"{size} ranks")
+        for j, g in enumerate(stage.groups):
+            if _rank_kind(g) == "count" and len(stage.groups) > 1 and g.ranks % size:
+                return (f"key 'stages.{i}.groups.{j}.ranks' is {g.ranks}, not a multiple of the shard group size "
+                        f"{size}: every group must own whole shard groups")
+    return None
+
+
+_SHARDING_CACHE: dict = {}
+
+
+def run_student_sharding(cfg: RunConfig, world_size: int) -> str:
+    """The run's student sharding, "world" or "hybrid" (one for every stage: the student is sharded once).
+
+    `parallel.student_sharding` world/hybrid is taken as asked (hybrid that cannot run is a ValueError naming
+    the key; a shard group as large as the world is world FSDP); auto: module docstring.
+    """
+    mode = cfg.parallel.student_sharding
+    if mode == "world" or cfg.distributed_backend != "fsdp2":  # HSDP is FSDP2's (validated in the config)
+        return "world"
+    why = hybrid_infeasible(cfg, world_size)
+    if mode == "hybrid":
+        if why is None:
+            return "hybrid"
+        if shard_group_size(cfg) >= world_size:
+            return "world"  # one shard group is the whole world: that is world FSDP
+        raise ValueError(f"key 'parallel.student_sharding' is 'hybrid', but {why}")
+    if why is not None:
+        return "world"
+    key = (repr(cfg), world_size)
+    if key not in _SHARDING_CACHE:
+        score = {}
+        for m in ("world", "hybrid"):
+            plans = [make_plan(cfg, world_size, i, student_sharding=m) for i in range(len(cfg.stages))]
+            fits = all(g.memory_gb <= p.memory_limit_gb for p in plans for g in p.groups)
+            steps = np.array([max(s.steps, 1) for s in cfg.stages], dtype=np.float64)
+            score[m] = (fits, float(np.dot(steps, [p.goodput for p in plans]) / steps.sum()))
+        better = score["hybrid"][0] and score["hybrid"][1] > score["world"][1] + GOODPUT_TIE
+        _SHARDING_CACHE[key] = "hybrid" if better or not score["world"][0] and score["hybrid"][0] else "world"
+    return _SHARDING_CACHE[key]
+
+
 def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit_gb: Optional[float] = None,
               device_tflops: Optional[float] = None, mfu: float = DEFAULT_MFU,
-              share_tolerance: float = 0.25, interconnect_gbps: Optional[float] = None) -> RankPlan:
+              share_tolerance: float = 0.25, interconnect_gbps: Optional[float] = None,
+              student_sharding: Optional[str] = None) -> RankPlan:
     """Plan stage `stage_index` of `cfg` on `world_size` ranks (see the module docstring for the rules).
 
     memory_limit_gb / device_tflops default to the run's `cfg.hardware` (device_tflops then to the H100
     figure when that is unset); pass them only to explore other hardware (benchmarks, tests).
+    student_sharding: "world" or "hybrid" to plan under that sharding (benchmarks, and the auto choice);
+    None: the run's (run_student_sharding).
     """
+    if student_sharding is None:
+        student_sharding = run_student_sharding(cfg, world_size)
+    if student_sharding not in ("world", "hybrid"):
+        raise ValueError(f"student_sharding must be 'world' or 'hybrid', got {student_sharding!r}")
+    if student_sharding == "hybrid":
+        why = hybrid_infeasible(cfg, world_size)
+        if why is not None:
+            raise ValueError(f"key 'parallel.student_sharding' is 'hybrid', but {why}")
+    unit = shard_group_size(cfg) if student_sharding == "hybrid" else 1
+    state_shards = unit if student_sharding == "hybrid" else world_size
+    # the student's state per rank: FSDP2 and ZeRO-3 shard everything, ZeRO-1/2 keep bf16 params (and grads) whole
+    zero_stage = cfg.deepspeed.zero_stage if cfg.distributed_backend == "deepspeed" else 3
     if memory_limit_gb is None:
         memory_limit_gb = cfg.hardware.gpu_memory_gb
     if device_tflops is None:
@@ -568,7 +681,8 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         for b in _batch_candidates(gm.cfg) if gm.tunable else [gm.cfg.batch_per_rank]:
             per_ac = []
             for ac in acs:
-                here = [_option(gm, student, b, ac, world_size, windows, flops_per_s, colocated, v, bytes_per_s)
+                here = [_option(gm, student, b, ac, state_shards, windows, flops_per_s, colocated, v, bytes_per_s,
+                                zero_stage)
                         for v in variants]
                 # sharding costs communication for the same work: an "auto" teacher is sharded only where the
                 # group does not fit with it replicated (replicated memory does not depend on the rank count)
@@ -588,13 +702,14 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         class_sizes = [1] * len(classes)
     else:
         chosen, ranks = _place_partitioned(stage, models, options, world_size, rates, limit, share_tolerance,
-                                           warnings)
+                                           warnings, unit, student_sharding)
         classes, class_sizes = [[(i, o)] for i, o in enumerate(chosen)], [len(r) for r in ranks]
 
-    step = _step_time(classes, rates, lockstep=False)
-    lockstep = _step_time(classes, rates, lockstep=True)
-    busy = sum(n * sum(rates[gi] * o.time_s for gi, o in cls) for n, cls in zip(class_sizes, classes))
-    useful = sum(n * sum(rates[gi] * o.useful_s for gi, o in cls) for n, cls in zip(class_sizes, classes))
+    per_window = _window_step_times(classes, rates, student_sharding)
+    step = float(np.mean(per_window))
+    busy_w = _busy_per_window(classes, class_sizes, rates)
+    busy = float(np.mean(busy_w))
+    useful = float(np.mean(_busy_per_window(classes, class_sizes, rates, useful=True)))
     groups = []
     for i, (gm, opt) in enumerate(zip(models, chosen)):
         mem = float(opt.memory(len(ranks[i])))
@@ -615,9 +730,11 @@ def make_plan(cfg: RunConfig, world_size: int, stage_index: int, *, memory_limit
         stage_index=stage_index, stage_name=stage.name, world_size=world_size, groups=tuple(groups),
         step_time_s=step, utilisation=busy / (world_size * step) if step > 0 else 0.0,
         goodput=useful / (world_size * step) if step > 0 else 0.0,
-        lockstep_utilisation=busy / (world_size * lockstep) if lockstep > 0 else 0.0,
         memory_limit_gb=memory_limit_gb, device_tflops=tflops, mfu=mfu,
         planned=any(gm.tunable for gm in models), warnings=tuple(warnings), interconnect_gbps=interconnect_gbps,
+        student_sharding=student_sharding, shard_group_size=unit if student_sharding == "hybrid" else world_size,
+        utilisation_per_window=tuple((w, b / (world_size * t) if t > 0 else 0.0)
+                                     for w, b, t in zip(windows, busy_w, per_window)),
     )
 
 
@@ -632,7 +749,8 @@ def plan_for_run(cfg: RunConfig, world_size: int, stage_index: int) -> RankPlan:
 
 
 # What a rank executes from its group plan; these must equal the launch plan's, field by field.
-_CHECKED_STAGE_FIELDS = ("world_size", "stage", "memory_limit_gb", "device_tflops")
+_CHECKED_STAGE_FIELDS = ("world_size", "stage", "memory_limit_gb", "device_tflops", "student_sharding",
+                         "shard_group_size")
 _CHECKED_GROUP_FIELDS = ("teachers", "ranks", "batch_per_rank", "resolution", "sampling_rate",
                          "activation_checkpointing", "teacher_sharding")
 
@@ -698,12 +816,22 @@ def _place_shared(models: list[_GroupModel], options, world_size: int,
 
 
 def _place_partitioned(stage: StageConfig, models: list[_GroupModel], options, world_size: int, rates: list[float],
-                       limit: float, tolerance: float, warnings: list[str]) -> tuple[list[_Option], list[tuple[int, ...]]]:
-    """Disjoint contiguous rank blocks: fixed counts as configured, the rest searched (module docstring)."""
-    fixed = _fixed_counts(stage, world_size)
+                       limit: float, tolerance: float, warnings: list[str], unit: int = 1,
+                       coupling: str = "world") -> tuple[list[_Option], list[tuple[int, ...]]]:
+    """Disjoint contiguous rank blocks: fixed counts as configured, the rest searched (module docstring).
+
+    unit > 1 (hybrid sharding): counts are whole shard groups of `unit` ranks (a stage of one group: the world).
+    """
+    if unit > 1 and len(models) > 1:
+        units = replace(stage, groups=tuple(replace(g, ranks=g.ranks // unit) if _rank_kind(g) == "count" else g
+                                            for g in stage.groups))
+        fixed = [None if c is None else c * unit for c in _fixed_counts(units, world_size // unit)]
+    else:
+        unit = 1
+        fixed = _fixed_counts(stage, world_size)
     auto_idx = [i for i, c in enumerate(fixed) if c is None]
     remaining = world_size - sum(c for c in fixed if c is not None)
-    comps = _compositions(remaining, len(auto_idx))
+    comps = _compositions(remaining // unit, len(auto_idx)) * unit
     all_counts = np.zeros((len(comps), len(models)), dtype=np.int64)
     for i, c in enumerate(fixed):
         if c is not None:
@@ -715,19 +843,19 @@ def _place_partitioned(stage: StageConfig, models: list[_GroupModel], options, w
     target = nominal * np.array([g.batch_per_rank * g.sampling_rate for g in stage.groups])
     recipe_batch = np.array([g.batch_per_rank for g in stage.groups], dtype=np.float64)
     chosen, counts = _search([options(gm) for gm in models], all_counts, target / target.sum(), recipe_batch, rates,
-                             limit, tolerance, world_size, warnings)
+                             limit, tolerance, world_size, warnings, coupling)
     starts = np.concatenate([[0], np.cumsum(counts)])
     return chosen, [tuple(range(int(starts[i]), int(starts[i + 1]))) for i in range(len(models))]
 
 
 def _search(options: list[list[_Option]], counts: np.ndarray, target: np.ndarray,
             recipe_batch: np.ndarray, rates: list[float], limit: float, tolerance: float, world_size: int,
-            warnings: list[str]) -> tuple[list[_Option], list[int]]:
+            warnings: list[str], coupling: str = "world") -> tuple[list[_Option], list[int]]:
     """The best (option per group, rank counts) by the objective of the module docstring."""
     rate = np.array(rates)
     rows = []  # per option combination: arrays over the rank splits
     for combo in itertools.product(*options):
-        step = _step_time([[(i, o)] for i, o in enumerate(combo)], rates, lockstep=False)
+        step = _step_time([[(i, o)] for i, o in enumerate(combo)], rates, coupling)
         useful = counts @ (rate * np.array([o.useful_s for o in combo]))
         samples = counts * (rate * np.array([o.batch for o in combo]))
         share = samples / samples.sum(axis=1, keepdims=True)

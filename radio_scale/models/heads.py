@@ -47,6 +47,26 @@ def zero_link(*tensors: torch.Tensor) -> torch.Tensor:
     return _ZeroLink.apply(*tensors)
 
 
+class _Join(torch.autograd.Function):
+    """Identity on several tensors, as one autograd node: their gradients leave it together, so backward reaches
+    every head at the same moment and visits them in reverse construction order on every rank, whichever heads a
+    rank's group uses. DeepSpeed ZeRO-3 gathers each head's parameters in backward in that visiting order, which
+    must be the same on all ranks."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def join(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` through one identity node (see _Join)."""
+    return list(_Join.apply(*tensors)) if tensors else []
+
+
 class AdaptorMLP(nn.Sequential):
     """Linear → LayerNorm → GELU → Linear (the paper's adaptor)."""
 
@@ -83,8 +103,12 @@ class AdaptorHeads(nn.Module):
         self.spatial = nn.ModuleDict({t.name: AdaptorMLP(student_dim, self.hidden_dim, t.embed_dim) for t in teachers})
 
     def forward(self, out: StudentOutput, names: Optional[Sequence[str]] = None,
-                run_unused: bool = True) -> dict[str, HeadOutput]:
-        """Predictions for `names` (None: every teacher); unused heads run at zero weight unless run_unused=False."""
+                run_unused: bool = True, linked: bool = True) -> dict[str, HeadOutput]:
+        """Predictions for `names` (None: every teacher); unused heads run at zero weight unless run_unused=False.
+
+        linked=False: the unused heads' outputs (one token each) are returned too, under their teachers' names,
+        for the caller to join to its loss (DistillModel and the trainer do, so that every output of every
+        module receives a gradient on every rank, as DeepSpeed ZeRO-3's per-module gathers need)."""
         names = list(self.teacher_names if names is None else names)
         if not names:
             raise ValueError("adaptor heads: no teacher requested")
@@ -96,7 +120,6 @@ class AdaptorHeads(nn.Module):
             if n in self.summary and n not in out.summary:
                 raise ValueError(f"adaptor heads: the student has no summary token for teacher '{n}'")
         preds: dict[str, HeadOutput] = {}
-        unused: list[torch.Tensor] = []
         token = out.patches[:1, :, 0, 0]  # [1, D]: the cheapest valid input for an unused head
         # Always visit the heads in the same (construction) order on every rank, so that heads sharded on
         # their own issue their all-gathers in the same order everywhere.
@@ -105,9 +128,15 @@ class AdaptorHeads(nn.Module):
                 summary = self.summary[n](out.summary[n]) if n in self.summary else None
                 preds[n] = HeadOutput(summary, self._spatial(n, out.patches))
             elif run_unused:
-                if n in self.summary:
-                    unused.append(self.summary[n](token))
-                unused.append(self.spatial[n](token))
+                # an unused summary head reads its own summary token, so every student output joins the backward
+                src = out.summary[n][:1] if n in out.summary else token
+                preds[n] = HeadOutput(self.summary[n](src) if n in self.summary else None, self.spatial[n](token))
+        # one identity node over every output: backward then meets every head at once (same order on all ranks)
+        joined = iter(join([t for o in preds.values() for t in o if t is not None]))
+        preds = {n: HeadOutput(*(None if t is None else next(joined) for t in o)) for n, o in preds.items()}
+        if not linked:
+            return preds
+        unused = [t for n, o in preds.items() if n not in wanted for t in o if t is not None]
         preds = {n: preds[n] for n in names}
         if unused:
             first = names[0]

@@ -5,11 +5,12 @@ Implemented as a plain nn.Linear subclass holding `weight`, `bias`, `gamma` and 
 (`fully_shard`) and DCP then see ordinary parameters under their usual names, and the unsharded weight that
 FSDP2 materialises for forward is exactly what the power iteration reads.
 
-Under FSDP2 the buffers are replicated, not synchronised: every rank builds the model from the same seed and
-sees the same unsharded weight, so every rank makes the same update. Under activation checkpointing the
-owning block takes the power step itself, once, before its recomputed region (`advance_in_forward = False`),
-so the recomputation in backward sees exactly forward's σ and the buffers advance once per step on every
-rank, whether or not that rank checkpoints.
+Under FSDP2 (or DeepSpeed ZeRO) the buffers are replicated, not synchronised: every rank builds the model from the
+same seed and sees the same unsharded weight, so every rank makes the same update. The step is taken inside the
+layer's own forward, where a sharded weight is gathered, at most once per `advance_pending` (which the trainer
+arms for the first micro-batch of a step): the recomputation of activation checkpointing in backward finds it
+spent and reuses the σ the forward used, so the buffers advance once per step on every rank, whether or not that
+rank checkpoints.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class SpectralLinear(nn.Linear):
         self.gamma = nn.Parameter(torch.ones(1))
         self.register_buffer("u", torch.zeros(out_features))
         self.register_buffer("v", torch.zeros(in_features))
-        self.advance_in_forward = True  # False: the owner calls power_step() (activation checkpointing)
+        self.advance_pending = True  # the next training forward takes one power-iteration step, then disarms it
         if init_iters > 0:
             self.reset_spectral(init_iters)
 
@@ -62,9 +63,10 @@ class SpectralLinear(nn.Linear):
         self.u.copy_(u)
 
     def effective_weight(self) -> torch.Tensor:
-        """γ·W/σ(W), advancing the power iteration first when training (unless the owner does it)."""
-        if self.training and self.advance_in_forward:
+        """γ·W/σ(W), advancing the power iteration first in the first training forward after it was armed."""
+        if self.training and self.advance_pending and torch.is_grad_enabled():
             self.power_step()
+            self.advance_pending = False
         return self.weight * (self.gamma[0] / self.sigma()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """The student backbone: a ViT with CPE, one CLS token per summary teacher, registers and per-call windowed attention."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,11 @@ from radio_scale.models.presets import ViTPreset, resolve_student_dims
 from radio_scale.models.spectral import SpectralLinear, make_linear
 
 
-@dataclass
-class StudentOutput:
-    """Student features: one summary vector [B, D] per summary teacher, and patch features [B, D, h, w]."""
+class StudentOutput(NamedTuple):
+    """Student features: one summary vector [B, D] per summary teacher, and patch features [B, D, h, w].
+
+    A NamedTuple (not a dataclass): DeepSpeed ZeRO-3 finds the tensors of a module's output in tuples and dicts
+    only, and hooks them to gather the student's own parameters (prefix tokens) again for backward."""
 
     summary: dict[str, torch.Tensor]
     patches: torch.Tensor
@@ -137,14 +138,15 @@ class Block(nn.Module):
     @checkpointing.setter
     def checkpointing(self, on: bool) -> None:
         self._checkpointing = bool(on)
-        self._sync_spectral()
 
     @property
     def spectral_advance(self) -> bool:
         """Whether this block's σReparam layers take a power-iteration step in the next training forward.
 
         The trainer turns it on for the first micro-batch of a step only, so σ advances once per optimisation
-        step on every rank, however many micro-batches a rank computes (one group or several).
+        step on every rank, however many micro-batches a rank computes (one group or several). Setting it arms
+        (or disarms) each layer once: the layer steps inside its own forward, where a sharded weight is gathered,
+        and the recomputation of activation checkpointing finds it spent.
         """
         return self._spectral_advance
 
@@ -154,16 +156,12 @@ class Block(nn.Module):
         self._sync_spectral()
 
     def _sync_spectral(self) -> None:
-        for m in self._spectral:  # under checkpointing the power step moves out of the recomputed region
-            m.advance_in_forward = self._spectral_advance and not self._checkpointing
+        for m in self._spectral:
+            m.advance_pending = self._spectral_advance
 
     def forward(self, x: torch.Tensor, window_size: int, grid: tuple[int, int]) -> torch.Tensor:
         """x: [B, prefix + h*w, D]; window_size 0 = global; grid = (h, w) of the patch tokens."""
         if self._checkpointing:
-            if self._spectral_advance:
-                for m in self._spectral:  # their own forward does not advance while checkpointing is on
-                    if m.training:
-                        m.power_step()
             if torch.is_grad_enabled():
                 # non-reentrant: works inside FSDP2 units; the RNG state is replayed, so DropPath masks match
                 return torch.utils.checkpoint.checkpoint(self._forward, x, window_size, grid, use_reentrant=False)

@@ -1,7 +1,9 @@
-"""Sharded checkpoints with torch.distributed.checkpoint: atomic (temp dir + rename), keep-last-k, async.
+"""Sharded checkpoints: atomic (temp dir + rename), keep-last-k, async where the backend can.
 
 Layout of one checkpoint `<root>/step_000000120/`:
-  DCP shards + .metadata   model (student + heads + balancer) and optimizer, resharded on load
+  model + optimizer        the backend's own sharded format: DCP shards + .metadata (fsdp2, resharded on load),
+                           or DeepSpeed's ZeRO files (deepspeed; another world size goes through its universal
+                           format)
   trainer.json             global trainer state (step, stage, tracking run id, guards), written by rank 0
   rank_00003.pt            per-rank state (RNG states, data position), weights-only loadable
   .complete                written last, just before the rename; only complete checkpoints are ever loaded
@@ -19,14 +21,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from radio_scale.monitoring.rundir import CHECKPOINT_COMPLETE as COMPLETE  # one definition of "complete"
 
@@ -75,8 +69,7 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             rank_state: dict, block: bool = False) -> float:
+    def save(self, step: int, backend, trainer_state: dict, rank_state: dict, block: bool = False) -> float:
         """Checkpoint `step`; returns the seconds the training loop was stalled."""
         t0 = time.perf_counter()
         self.wait()  # at most one save in flight
@@ -88,15 +81,13 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
-        }
-        if self.async_save and not block:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
+        fut = backend.write_state(tmp, asynchronous=self.async_save and not block and backend.supports_async_save,
+                                  process_group=self._pg)
+        if fut is not None:
             self._pending = (fut, tmp, final, trainer_state)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            if dist.is_initialized():
+                dist.barrier()  # every rank's files are written before rank 0 marks the checkpoint complete
             self._finalize(tmp, final, trainer_state)
         self.last_stall_s = time.perf_counter() - t0
         return self.last_stall_s
@@ -130,18 +121,12 @@ class Checkpointer:
             for old in list_complete(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
+    def load(self, path: Path, backend, with_optimizer: bool = True) -> tuple[dict, Optional[dict]]:
         """Restore model (+ optimizer) from `path`; returns (trainer_state, this rank's state or None)."""
         path = Path(path)
         if not (path / COMPLETE).is_file():
             raise FileNotFoundError(f"checkpoint {path} is not complete (no {COMPLETE} marker)")
-        state = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+        backend.read_state(path, with_optimizer, written_by=checkpoint_world_size(path))
         trainer_state = json.loads((path / "trainer.json").read_text())
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else None
@@ -157,10 +142,16 @@ def checkpoint_world_size(path: Path) -> int:
 
 
 def load_model_weights(path: Path) -> dict[str, Any]:
-    """Model tensors of a checkpoint as a plain dict, without a process group (for evaluation/export)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    """Model tensors of a checkpoint as a plain dict, without a process group (for evaluation/export); either
+    backend's format."""
     import tempfile
+
+    path = Path(path)
+    if not (path / ".metadata").is_file() and any(path.glob("*model_states.pt")):  # DeepSpeed's format
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "full.pt"

@@ -19,9 +19,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from radio_scale.config import RunConfig, config_to_yaml
 
 
-def export_student(model: nn.Module, cfg: RunConfig, specs, out_dir: Path, is_main: bool) -> Optional[Path]:
-    """Gather the full student + heads (every rank takes part) and write them on rank 0; returns the dir there."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def export_student(model, cfg: RunConfig, specs, out_dir: Path, is_main: bool) -> Optional[Path]:
+    """Write the full student + heads on rank 0; returns the dir there. `model`: a module (gathered here, every
+    rank takes part) or the full state dict a backend gathered (Backend.full_state_dict)."""
+    if isinstance(model, nn.Module):
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = model
     if not is_main:
         return None
     out_dir = Path(out_dir)

@@ -19,8 +19,8 @@ from torch import nn
 
 from radio_scale.config import RunConfig, config_to_dict, config_to_yaml, flatten
 from radio_scale.distributed.env import DistEnv
-from radio_scale.distributed.parallel import shard_student
-from radio_scale.distributed.plan import group_active, make_plan
+from radio_scale.distributed.backends import build_backend
+from radio_scale.distributed.plan import group_active, make_plan, run_student_sharding, shard_group_size
 from radio_scale.losses import build_balancer, crop_to_content, spatial_loss, summary_loss, term_weights
 from radio_scale.models import AdaptorHeads
 from radio_scale.models.heads import zero_link
@@ -33,7 +33,7 @@ from radio_scale.monitoring.watchdog import Watchdog
 from radio_scale.teachers.spec import teacher_spec
 from radio_scale.train.checkpoint import Checkpointer, checkpoint_world_size, latest_complete
 from radio_scale.train.export import export_student
-from radio_scale.train.optim import build_optimizer, run_lr_at, set_lr
+from radio_scale.train.optim import run_lr_at
 from radio_scale.train.preemption import PreemptionFlag
 from radio_scale.train.stage import StageRuntime, build_stage, stage_at, stage_bounds
 
@@ -55,13 +55,15 @@ class DistillModel(nn.Module):
         self.standardizer = standardizer
 
     def forward(self, images: torch.Tensor, window_size: int = 0, names=None, weighting: bool = False):
-        """The predictions of the heads in `names` (None: all) for `images`; the other heads run on one token
-        and join the backward with zero gradients (the root forward, so FSDP gathers the root's parameters).
+        """The predictions of every head for `images`: those in `names` (None: all) on the student's features, the
+        others on one token, for the caller to join to its loss with zero weight (`zero_link`): every output of
+        every module then gets a gradient on every rank (the root forward, so FSDP gathers the root's parameters;
+        DeepSpeed ZeRO-3 counts each module's backward by the outputs that receive one).
 
         weighting: also return the balancer's (term weights, regulariser), computed here, inside the root's
         forward, where FSDP has gathered the balancer's parameters (outside it they are shards: DTensors).
         """
-        preds = self.heads(self.student(images, window_size=window_size), names)
+        preds = self.heads(self.student(images, window_size=window_size), names, linked=names is None)
         return (preds, self.balancer.weighting()) if weighting else preds
 
 
@@ -113,8 +115,12 @@ class Trainer:
         self.model.to(self.device)
         self.terms = list(self.model.balancer.names)
         student = self.model.student
-        shard_student(self.model, student.blocks, self.device, cfg.precision)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        # the distributed backend (fsdp2 | deepspeed): the trainer calls its interface, never its name.
+        # FSDP2: world FSDP or HSDP (parallel.student_sharding; the planner's choice under auto), once for the run
+        self.student_sharding = run_student_sharding(cfg, env.world_size)
+        self.backend = build_backend(cfg, env)
+        self.backend.setup(self.model, student.blocks, self.student_sharding, shard_group_size(cfg))
+        self.optimizer = self.backend.optimizer
         self.checkpointer = Checkpointer(
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints",
             keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, rank=env.rank, world_size=env.world_size,
@@ -200,7 +206,7 @@ class Trainer:
         if self.watchdog:
             self.watchdog.phase("checkpoint")
         trainer_state, rank_state = self.state_dict()
-        stall = self.checkpointer.save(self.step, self.model, self.optimizer, trainer_state, rank_state, block=block)
+        stall = self.checkpointer.save(self.step, self.backend, trainer_state, rank_state, block=block)
         if block:
             self.checkpointer.wait()
         self.stall_s.append(stall)
@@ -216,7 +222,7 @@ class Trainer:
         path = _broadcast_object(path)
         if path is None:
             return False
-        trainer_state, rank_state = self.checkpointer.load(path, self.model, self.optimizer)
+        trainer_state, rank_state = self.checkpointer.load(path, self.backend)
         positions = self.load_state_dict(trainer_state, rank_state)
         self._enter_stage(stage_at(self.cfg, self.step), positions)
         if self.env.is_main:
@@ -321,16 +327,15 @@ class Trainer:
             # σReparam advances once per step, in the first micro-batch, on every rank
             self.model.student.set_activation_checkpointing(real and g.activation_checkpointing)
             self.model.student.set_spectral_advance(i == 0)
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(i == rt.micro_steps - 1)
+            self.backend.set_gradient_sync(i == rt.micro_steps - 1)
             # the balancer's weights come out of the root forward (its parameters are gathered only there)
-            preds, (w_vec, regularizer) = self.model(images, window_size=window, names=names, weighting=True)
+            preds, (w_vec, regularizer) = self.backend.module(images, window_size=window, names=names, weighting=True)
             weights = dict(zip(self.terms, w_vec.unbind(0)))
             if i == 0:
                 self._step_weights = w_vec.detach()
-            loss = torch.zeros((), device=dev)
-            if not targets:  # every head ran for the collectives; none of it is a loss
-                loss = loss + zero_link(*(p for pr in preds.values() for p in pr if p is not None)).float()
+            # every head ran for the collectives; those without a target this micro-step join at zero weight
+            idle = [p for n, pr in preds.items() if n not in targets for p in pr if p is not None]
+            loss = zero_link(*idle).float() if idle else torch.zeros((), device=dev)
             for name, tgt in targets.items():
                 pred = preds[name]
                 per_term = {}
@@ -354,7 +359,7 @@ class Trainer:
                 loss = loss * float("nan")  # fault drill (monitor.inject_nan_steps)
             # balancer parameters (uncertainty) get a gradient on every rank; the regulariser counts once
             loss = loss + 0.0 * sum(w.sum() for w in weights.values()) + regularizer * float(i == 0 and self.env.is_main)
-            (loss * world).backward()  # FSDP averages gradients over ranks; undo it to get the global sum
+            self.backend.backward(loss * world)  # the backends average gradients over ranks; undo it: global sum
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # kernels run asynchronously: time the work, not its launch
         self.compute_s = time.perf_counter() - t_start  # this rank's own work, before it waits for the others
@@ -379,17 +384,15 @@ class Trainer:
             total = float(sum(weights[t] * term_sum[j] / term_n[j] for j, t in enumerate(self.terms) if term_n[j] > 0))
         else:
             total = float(sum(weights[t] * term_sum[j] for j, t in enumerate(self.terms)) / n_global)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], self.cfg.optim.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if apply and finite and n_samples > 0:  # no group sampled this step: nothing to learn from
-            set_lr(self.optimizer, run_lr_at(self.step, self.cfg.stages, self.cfg.optim))
-            self.optimizer.step()
-            if hasattr(self.model.balancer, "update"):  # AdaLoss: statistics from the globally reduced terms
+        if apply:  # clip + step where the loss and the gradients are finite (no group sampled: nothing to learn)
+            grad_norm, applied = self.backend.finish_step(
+                self.cfg.optim.grad_clip, run_lr_at(self.step, self.cfg.stages, self.cfg.optim),
+                allowed=math.isfinite(total) and n_samples > 0)
+            if applied and hasattr(self.model.balancer, "update"):  # AdaLoss: from the globally reduced terms
                 self.model.balancer.update(terms)
-        if apply:
-            self.optimizer.zero_grad(set_to_none=True)
+        else:  # gradients kept for inspection (tests): the norm only
+            grad_norm = self.backend.grad_norm(self.cfg.optim.grad_clip)
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
         return StepStats(loss=total, terms=terms, weights=weights, grad_norm=grad_norm, samples=n_samples,
                          window=window, finite=finite, preempt=bool(vec[2 * k] > 0),
                          data=dict(zip(data.keys(), (float(x) for x in vec[2 * k + 1:]))))
@@ -475,7 +478,8 @@ class Trainer:
                     self.save(block=stage_end and self.step == total)
             self.checkpointer.wait()
             self.watchdog.phase("checkpoint")
-            export_dir = export_student(self.model, cfg, self.specs, self.run_dir / "export", is_main=env.is_main)
+            export_dir = export_student(self.backend.full_state_dict(), cfg, self.specs, self.run_dir / "export",
+                                        is_main=env.is_main)
             if env.is_main:
                 self._log_final_artifacts(export_dir)
                 append_event(self.run_dir, "finished", 0, f"finished {self.step} steps", step=self.step)
@@ -497,13 +501,13 @@ class Trainer:
 
         if self.watchdog:
             self.watchdog.phase("checkpoint")  # evaluation takes longer than a step: use the long timeout
-        model = self.model
+        model = self.backend.module
 
         def forward(images: torch.Tensor) -> dict:
             # through the root module: FSDP gathers the root's parameters and casts the input to the compute
             # dtype (bf16), as in training; calling the student directly would feed fp32 into bf16 weights
             preds = model(images, window_size=0, names=None)
-            return to_teacher_space(preds, getattr(model, "standardizer", None))
+            return to_teacher_space(preds, getattr(self.model, "standardizer", None))
 
         try:
             results = run_periodic_eval(self.model.student, self.model.heads, self.stage.teachers, self.cfg,
@@ -557,7 +561,7 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"rank {self.env.rank}: {self.nan_guard.rollback_after} non-finite steps in a row "
                                "and no checkpoint to roll back to")
-        trainer_state, _ = self.checkpointer.load(path, self.model, self.optimizer)
+        trainer_state, _ = self.checkpointer.load(path, self.backend)
         self.step = int(trainer_state["step"])
         if self.env.is_main:
             append_event(self.run_dir, "nan_rollback", 0, f"rolled back to {path.name} after non-finite losses",
