@@ -57,8 +57,3 @@ class Backend:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full (unsharded) model state on CPU; every rank takes part, rank 0 gets every tensor."""
         raise NotImplementedError
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr

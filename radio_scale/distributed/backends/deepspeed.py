@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from radio_scale.distributed.backends.base import Backend, set_lr
+from radio_scale.distributed.backends.base import Backend
 from radio_scale.distributed.parallel import uses_bf16
-from radio_scale.train.optim import build_optimizer
+from radio_scale.train.optim import build_optimizer, set_lr
 
 UNIVERSAL = "universal"  # sub-directory of a checkpoint holding its universal-format conversion
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -15,9 +14,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from radio_scale.distributed.backends.base import Backend, set_lr
+from radio_scale.distributed.backends.base import Backend
 from radio_scale.distributed.parallel import shard_student
-from radio_scale.train.optim import build_optimizer
+from radio_scale.train.optim import build_optimizer, set_lr
 
 
 class FSDP2Backend(Backend):
@@ -38,8 +37,7 @@ class FSDP2Backend(Backend):
         loss.backward()
 
     def finish_step(self, max_norm, lr, allowed):
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = self.grad_norm(max_norm)  # clips in place
         applied = allowed and math.isfinite(norm)
         if applied:
             set_lr(self.optimizer, lr)
@@ -48,6 +46,7 @@ class FSDP2Backend(Backend):
         return norm, applied
 
     def grad_norm(self, max_norm):
+        """The global gradient norm; clips the gradients to max_norm (clip_grad_norm_)."""
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
