@@ -351,8 +351,11 @@ def test_status_before_the_first_heartbeat_is_starting_then_stale(tmp_path):
 
 
 def test_status_watch_refreshes_until_interrupted(live_run):
+    # Ctrl-C as a terminal sends it: SIGINT at its default disposition in the child (a suite started in the
+    # background by a non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN)
     proc = subprocess.Popen([RADIO_MONITOR, "status", str(live_run), "--watch", "0.2", "--json"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 0
