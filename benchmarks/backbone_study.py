@@ -144,7 +144,7 @@ def distill(args) -> int:
         sc = cfg.student
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         train_ips = statistics.median(r["images_per_s"] for r in recs if "images_per_s" in r)
-        res = rd.evaluate(export)
+        res = rd.evaluate(export, teachers=[rd.TEACHER])[rd.TEACHER]
         row = {
             "student": label, "arch": sc.arch, "train_wall_s": None if wall is None else round(wall, 1),
             "params_m": sum(p.numel() for p in student.parameters()) / 1e6,

