@@ -56,7 +56,8 @@ def main(argv=None) -> int:
             print(f"training smoke with loss.standardize={mode} ({args.steps}+{args.steps} steps) in {run_dir} ...",
                   flush=True)
             train(run_dir, mode, args.steps, args.seed)
-        results[mode] = {"terms": loss_terms(run_dir), "heldout": evaluate(run_dir / "export", teachers=["effnet"])["effnet"]}
+        heldout = evaluate(run_dir / "export", teachers=["effnet"])["effnet"]  # the real teacher's head
+        results[mode] = {"terms": loss_terms(run_dir), "heldout": heldout}
     terms = sorted(results["none"]["terms"])
     print("\n| loss term | none: step 1 / last 5 | phi_s: step 1 / last 5 |")
     print("|---|---|---|")
